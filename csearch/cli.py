@@ -114,6 +114,12 @@ def config_from_args(args: argparse.Namespace):
     return load_config(getattr(args, "config", None), overrides)
 
 
+def command_line() -> str:
+    """How this process was invoked, as a user would retype it."""
+    program = "csearch" if sys.argv[0].endswith(("csearch", "__main__.py", "cli.py")) else sys.argv[0]
+    return " ".join([program, *sys.argv[1:]])
+
+
 def report_failures(failures, limit: int = 20) -> None:
     if not failures:
         return
@@ -139,7 +145,7 @@ def cmd_index(args) -> int:
         report = build_index(catalogue, config, args.out, overwrite=args.overwrite, progress=bar.update,
                              workers=args.workers)
     report_failures(report.failures)
-    save_config(config, Path(args.out) / "config.yaml", extra={"command": " ".join(sys.argv)})
+    save_config(report.config, Path(args.out) / "config.yaml", extra={"command": command_line()})
     log.info("indexed %d image(s) into %s in %.1f s (%.2f img/s)%s", report.added, args.out, report.seconds,
              report.images_per_second,
              f"; {report.skipped_existing} already indexed (resumed)" if report.skipped_existing else "")

@@ -76,8 +76,8 @@ def run_demo(out: Path, config: Config, stdout) -> None:
     log.info("demo catalogue: %s", catalogue.summary())
     index_dir = out / "index"
     with progress_bar(len(catalogue.records), "indexing") as bar:
-        build_index(catalogue, config, index_dir, overwrite=True, progress=bar.update)
-    save_config(config, index_dir / "config.yaml", extra={"command": "csearch demo"})
+        report = build_index(catalogue, config, index_dir, overwrite=True, progress=bar.update)
+    save_config(report.config, index_dir / "config.yaml", extra={"command": "csearch demo"})
     engine = Engine.open(index_dir)
     found = 0
     for path, product in queries:

@@ -128,6 +128,7 @@ class IndexReport:
     skipped_existing: int
     failures: tuple[tuple[str, str], ...]
     seconds: float
+    config: Optional[Config] = None  # resolved: the exact model files used
 
     @property
     def images_per_second(self) -> float:
@@ -249,7 +250,7 @@ def build_index(catalogue: Catalogue, config: Config, out: str | Path, overwrite
     added, failures = add_records(store, todo, config, models, progress, workers)
     store.update_meta({"complete": True, "catalogue": catalogue.spec})
     return IndexReport(str(out), added, len(catalogue.records) - len(todo),
-                       tuple(failures) + tuple(catalogue.skipped), time.perf_counter() - started)
+                       tuple(failures) + tuple(catalogue.skipped), time.perf_counter() - started, config)
 
 
 # ----------------------------------------------------------------------------- online
@@ -314,43 +315,45 @@ class Engine:
         prediction = None if category is not None else self.classify(prepared)
         timings["classify"] = (time.perf_counter() - started) * 1e3
         categories = searched_categories(prediction, category, config)
-        hits, search_timings = self.search(vector, prepared.mask, k, categories, config, exclude_ids)
+        hits, search_timings = self.search(vector, prepared.mask, k, categories, config, exclude_ids, prepared.box)
         timings.update(search_timings)
         timings["total"] = sum(timings.values())
         shown = category if category is not None else (prediction.category if prediction else None)
         return QueryResult(shown, tuple(hits), timings, prepared.localization)
 
     def search(self, vector: np.ndarray, mask: np.ndarray, k: int, categories: Optional[Sequence[str]],
-               config: Optional[Config] = None, exclude_ids: Iterable[int] = ()) -> tuple[list[Hit], dict]:
-        """Exact KNN over the (restricted) gallery, then re-rank the top candidates by mask IoU."""
-        from .search import knn, mask_iou, rerank
+               config: Optional[Config] = None, exclude_ids: Iterable[int] = (),
+               box: Optional[np.ndarray] = None) -> tuple[list[Hit], dict]:
+        """Exact KNN over the (restricted) gallery, then re-rank the top candidates by mask IoU.
+        Reads one snapshot of the index, so concurrent adds/removes never mix into a query."""
+        from .search import knn, rerank_with_masks
         from .store import pack_masks
 
-        config = config or self.config
-        cfg = config.search
-        store = self.store
+        cfg = (config or self.config).search
+        snap = self.store.snapshot
         started = time.perf_counter()
-        rows = store.rows_for_categories(categories) if categories else None
-        exclude = set(int(i) for i in exclude_ids)
-        if exclude:
-            keep = ~np.isin(store.ids, list(exclude))
+        rows = snap.rows_for_categories(categories) if categories else None
+        exclude = np.fromiter((int(i) for i in exclude_ids), np.int64)
+        if len(exclude):
+            keep = ~np.isin(snap.ids, exclude)
             rows = np.flatnonzero(keep) if rows is None else rows[keep[rows]]
         depth = max(k, cfg.rerank_top) if cfg.rerank != "none" else k
-        found, distances = knn(store.vectors, vector[None], depth, rows=rows, engine=cfg.engine)
+        if len(snap) == 0 or (rows is not None and len(rows) == 0):
+            return [], {"search": (time.perf_counter() - started) * 1e3, "rerank": 0.0}
+        found, distances = knn(snap.vectors, vector[None], depth, rows=rows, engine=cfg.engine,
+                               sq_norms=snap.sq_norms)
         found, distances = found[0], distances[0]
         searched = time.perf_counter()
-        ious = None
-        if cfg.rerank != "none" and len(found):
-            ious = mask_iou(pack_masks(mask[None])[0], store.mask_bits[found])
-            order, scores = rerank(distances, ious, method=cfg.rerank, weight=cfg.rerank_weight)
-        else:
-            order, scores = rerank(distances, None, method="none")
+        query_box = np.array([0, 0, 1, 1], np.float32) if box is None else box
+        order, scores, ious = rerank_with_masks(distances, pack_masks(mask[None])[0], query_box,
+                                                snap.mask_bits[found], snap.boxes[found], snap.mask_size,
+                                                method=cfg.rerank, weight=cfg.rerank_weight)
         hits = []
-        for position in order[:k]:
+        for rank, position in enumerate(order[:k]):
             row = int(found[position])
-            hits.append(Hit(id=int(store.ids[row]), path=store.paths[row], product=store.products[row],
-                            category=store.categories[row], distance=float(distances[position]),
-                            iou=None if ious is None else float(ious[position]), score=float(scores[position])))
+            hits.append(Hit(id=int(snap.ids[row]), path=snap.paths[row], product=snap.products[row],
+                            category=snap.categories[row], distance=float(distances[position]),
+                            iou=None if ious is None else float(ious[rank]), score=float(scores[rank])))
         timings = {"search": (searched - started) * 1e3, "rerank": (time.perf_counter() - searched) * 1e3}
         return hits, timings
 
