@@ -114,10 +114,9 @@ def config_from_args(args: argparse.Namespace):
     return load_config(getattr(args, "config", None), overrides)
 
 
-def command_line() -> str:
-    """How this process was invoked, as a user would retype it."""
-    program = "csearch" if sys.argv[0].endswith(("csearch", "__main__.py", "cli.py")) else sys.argv[0]
-    return " ".join([program, *sys.argv[1:]])
+def command_line(args: argparse.Namespace) -> str:
+    """How this command was invoked, as a user would retype it."""
+    return " ".join(["csearch", *args.argv])
 
 
 def report_failures(failures, limit: int = 20) -> None:
@@ -145,7 +144,7 @@ def cmd_index(args) -> int:
         report = build_index(catalogue, config, args.out, overwrite=args.overwrite, progress=bar.update,
                              workers=args.workers)
     report_failures(report.failures)
-    save_config(report.config, Path(args.out) / "config.yaml", extra={"command": command_line()})
+    save_config(report.config, Path(args.out) / "config.yaml", extra={"command": command_line(args)})
     log.info("indexed %d image(s) into %s in %.1f s (%.2f img/s)%s", report.added, args.out, report.seconds,
              report.images_per_second,
              f"; {report.skipped_existing} already indexed (resumed)" if report.skipped_existing else "")
@@ -340,6 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except CSearchError as exc:
         parser.error(str(exc))
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.verbose:
         logging.getLogger().setLevel(logging.DEBUG)
     try:

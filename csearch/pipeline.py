@@ -381,14 +381,6 @@ def resolve_config(config: Config) -> Config:
     from .models import get_spec, resolve_weights
 
     localize, embed = config.localize, config.embed
-    if localize.backend == "u2net" and not localize.model:
-        localize = replace(localize, model=str(resolve_weights("u2netp", "imagenet")))
-    if localize.matting == "fba" and not localize.matting_model:
-        localize = replace(localize, matting_model=str(resolve_weights("fba", "imagenet")))
-    for field_name in ("model", "matting_model"):
-        value = getattr(localize, field_name)
-        if value:
-            localize = replace(localize, **{field_name: str(Path(value).expanduser().resolve())})
     if embed.extractor.endswith(".onnx"):  # an exported extractor file carries its own weights
         embed = replace(embed, extractor=str(Path(embed.extractor).expanduser().resolve()), weights=None)
     else:
@@ -398,6 +390,14 @@ def resolve_config(config: Config) -> Config:
             raise ConfigError(f"extractor {embed.extractor!r} has no weights (weights: {embed.weights}); an index "
                               f"needs fixed weights: pass 'imagenet' or a weights file")
         embed = replace(embed, weights=str(Path(weights).resolve()))
+    if localize.backend == "u2net" and not localize.model:
+        localize = replace(localize, model=str(resolve_weights("u2netp", "imagenet")))
+    if localize.matting == "fba" and not localize.matting_model:
+        localize = replace(localize, matting_model=str(resolve_weights("fba", "imagenet")))
+    for field_name in ("model", "matting_model"):
+        value = getattr(localize, field_name)
+        if value:
+            localize = replace(localize, **{field_name: str(Path(value).expanduser().resolve())})
     classify = config.classify
     if classify.classifier:
         classify = replace(classify, classifier=str(Path(classify.classifier).expanduser().resolve()))

@@ -95,3 +95,50 @@ def write_catalogue(root: Path, categories=("bottle", "jar"), products=2, images
 @pytest.fixture
 def tiny_catalogue(tmp_path):
     return write_catalogue(tmp_path / "catalogue")
+
+
+def write_tiny_extractor(path: Path, size: int = 32, features: int = 24, seed: int = 0) -> Path:
+    """A tiny deterministic ONNX feature extractor with `csearch export`'s metadata:
+    NCHW float RGB in [0, 255] -> conv 3x3/2 -> relu -> global average pool -> (N, features)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.normal(0, 0.05, (features, 3, 3, 3)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.normal(0, 0.1, (features,)).astype(np.float32), "b")
+    shape = numpy_helper.from_array(np.array([0, -1], np.int64), "shape")
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["conv"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+        helper.make_node("Reshape", ["pool", "shape"], ["features"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_extractor",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", features])],
+        [weight, bias, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    for key, value in {"csearch.role": "extractor", "csearch.layout": "nchw",
+                       "csearch.preprocessing": "raw"}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_extractor(tmp_path_factory) -> Path:
+    return write_tiny_extractor(tmp_path_factory.mktemp("models") / "tiny_extractor.onnx")
+
+
+@pytest.fixture
+def tiny_config(tiny_extractor):
+    """A fast, weight-free pipeline config: classical localization + the tiny ONNX extractor."""
+    from csearch.config import load_config
+
+    return load_config(overrides={"embed.extractor": str(tiny_extractor), "localize.backend": "classical",
+                                  "localize.matting": "none", "preprocess.image_size": 32,
+                                  "embed.batch_size": 4})

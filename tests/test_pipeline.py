@@ -1,0 +1,167 @@
+"""End-to-end offline + online stages on a synthetic catalogue with weight-free models."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from csearch import pipeline
+from csearch.config import load_config
+from csearch.data import read_catalogue
+from csearch.errors import ConfigError, ModelMismatch, StoreError
+from csearch.pipeline import Engine, build_index
+from csearch.types import Prediction, Record
+
+
+@pytest.fixture
+def built(tmp_path, tiny_catalogue, tiny_config):
+    catalogue = read_catalogue(tiny_catalogue)
+    report = build_index(catalogue, tiny_config, tmp_path / "idx")
+    return catalogue, report, tmp_path / "idx"
+
+
+def test_index_then_query_finds_each_image_itself(built):
+    catalogue, report, index = built
+    assert report.added == len(catalogue.records) == 12 and not report.failures
+    engine = Engine.open(index)
+    for record in catalogue.records:
+        result = engine.query(record.path, k=3)
+        assert any(h.path == record.path and h.distance < 1e-3 for h in result.hits)
+        assert result.hits[0].product == record.product
+        assert [h.distance for h in result.hits] == sorted(h.distance for h in result.hits)
+        assert set(result.timings_ms) >= {"decode", "localize", "embed", "search", "total"}
+        assert result.localization.backend.startswith("classical")
+
+
+def test_excluding_the_query_still_finds_its_product(built):
+    catalogue, _, index = built
+    engine = Engine.open(index)
+    right = 0
+    for record in catalogue.records:
+        own = int(engine.store.ids[engine.store.paths.index(record.path)])
+        hits = engine.query(record.path, k=20, exclude_ids=[own]).hits
+        assert len(hits) == 11 and record.path not in [h.path for h in hits]
+        right += hits[0].product == record.product
+    assert right >= 10  # 12 queries; products differ by shape and colour
+
+
+def test_k_beyond_the_index_returns_what_exists(built):
+    catalogue, _, index = built
+    assert len(Engine.open(index).query(catalogue.records[0].path, k=1000).hits) == 12
+
+
+def test_resolved_config_records_model_files(built, tiny_extractor):
+    _, report, index = built
+    engine = Engine.open(index)
+    assert engine.config.embed.extractor == str(tiny_extractor.resolve())
+    recorded = engine.store.meta["models"]
+    assert [Path(m["path"]) for m in recorded] == [tiny_extractor.resolve()]
+    assert len(recorded[0]["sha256"]) == 64 and engine.store.meta["complete"] is True
+
+
+def test_changed_or_moved_model_is_a_clear_error(built, tiny_extractor):
+    _, _, index = built
+    original = tiny_extractor.read_bytes()
+    try:
+        tiny_extractor.write_bytes(original + b"\0")
+        with pytest.raises(ModelMismatch, match="changed since the index was built"):
+            Engine.open(index)
+        tiny_extractor.unlink()
+        with pytest.raises(ModelMismatch, match="missing"):
+            Engine.open(index)
+    finally:
+        tiny_extractor.write_bytes(original)
+
+
+def test_interrupted_index_resumes(tmp_path, tiny_catalogue, tiny_config, monkeypatch):
+    monkeypatch.setattr(pipeline, "CHUNK", 4)
+    catalogue = read_catalogue(tiny_catalogue)
+    seen = []
+
+    def interrupt_after_two_chunks(n):
+        seen.append(n)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_index(catalogue, tiny_config, tmp_path / "idx", progress=interrupt_after_two_chunks)
+    partial = Engine.open(tmp_path / "idx")
+    assert len(partial.store) == 8 and partial.store.meta["complete"] is False
+    report = build_index(catalogue, tiny_config, tmp_path / "idx")
+    assert (report.added, report.skipped_existing) == (4, 8)
+    engine = Engine.open(tmp_path / "idx")
+    assert len(engine.store) == 12 and len(set(engine.store.paths)) == 12
+
+
+def test_other_settings_at_same_out_are_refused(built, tiny_catalogue, tiny_config):
+    _, _, index = built
+    other = load_config(overrides={"embed.extractor": tiny_config.embed.extractor, "localize.backend": "none",
+                                   "preprocess.image_size": 32})
+    with pytest.raises(StoreError, match="other settings"):
+        build_index(read_catalogue(tiny_catalogue), other, index)
+
+
+def test_random_weights_are_refused_for_an_index(tmp_path, tiny_catalogue):
+    config = load_config(overrides={"embed.extractor": "mobilenet", "embed.weights": "none",
+                                    "localize.backend": "none"})
+    with pytest.raises(ConfigError, match="needs fixed weights"):
+        build_index(read_catalogue(tiny_catalogue), config, tmp_path / "idx")
+
+
+def test_bad_images_are_listed_not_fatal(tmp_path, tiny_catalogue, tiny_config):
+    (tiny_catalogue / "jar" / "jar-p0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (tiny_catalogue / "jar" / "jar-p0" / "empty.png").write_bytes(b"")
+    report = build_index(read_catalogue(tiny_catalogue), tiny_config, tmp_path / "idx")
+    assert report.added == 12
+    reasons = dict(report.failures)
+    assert len(reasons) == 2 and all(Path(p).name in ("broken.jpg", "empty.png") for p in reasons)
+
+
+def test_add_and_remove_without_rebuild(built, tmp_path):
+    catalogue, _, index = built
+    engine = Engine.open(index)
+    first = catalogue.records[0]
+    hit = engine.query(first.path, k=1).hits[0]
+    assert engine.remove([hit.id]) == 1
+    assert engine.query(first.path, k=1).hits[0].path != first.path
+    copy = tmp_path / "again.png"
+    copy.write_bytes(Path(first.path).read_bytes())
+    added, failures = engine.add([Record(str(copy), first.category, first.product)])
+    assert (added, failures) == (1, [])
+    again = Engine.open(index).query(first.path, k=1).hits[0]
+    assert again.path == str(copy.resolve()) and again.id > hit.id
+
+
+class FixedClassifier:
+    """A classifier that always predicts one category: enough to test the restriction logic."""
+
+    image_size, color, files = 32, "rgb", []
+
+    def __init__(self, category):
+        self.category = category
+
+    def predict_top(self, images, n):
+        return [Prediction(self.category, 0.9, ((self.category, 0.9), ("other", 0.1))[:n])] * len(images)
+
+
+def test_queries_are_restricted_to_the_predicted_category(built):
+    catalogue, _, index = built
+    engine = Engine.open(index)
+    engine.models.classifier = FixedClassifier("jar")
+    bottle = next(r for r in catalogue.records if r.category == "bottle")
+    result = engine.query(bottle.path, k=20)
+    assert result.category == "jar" and {h.category for h in result.hits} == {"jar"}
+    unrestricted = engine.query(bottle.path, k=20, restrict=False)
+    assert {h.category for h in unrestricted.hits} == {"jar", "bottle"}
+    explicit = engine.query(bottle.path, k=20, category="bottle")
+    assert explicit.category == "bottle" and {h.category for h in explicit.hits} == {"bottle"}
+
+
+@pytest.mark.parametrize("method", ["iou", "fused", "iou_crop", "fused_crop"])
+def test_rerank_methods_return_ious_and_ranked_scores(built, method):
+    catalogue, _, index = built
+    result = Engine.open(index).query(catalogue.records[0].path, k=5, rerank=method, rerank_top=10)
+    assert len(result.hits) == 5 and all(h.iou is not None and 0 <= h.iou <= 1 for h in result.hits)
+    scores = [h.score for h in result.hits]
+    assert scores == sorted(scores, reverse=True)
+    assert result.hits[0].product == catalogue.records[0].product  # itself or a twin: IoU ~1
