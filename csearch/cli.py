@@ -54,7 +54,7 @@ def progress_bar(total: int, desc: str, unit: str = "img"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                disable=None, smoothing=0.1)
+                mininterval=1.0 if sys.stderr.isatty() else 30.0, smoothing=0.1)
 
 
 def parse_sets(values: Optional[Sequence[str]]) -> dict:
