@@ -245,7 +245,8 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import run_server
 
-    run_server(args.index, host=args.host, port=args.port, workers=args.workers)
+    run_server(args.index, host=args.host, port=args.port, workers=args.workers, queue_limit=args.queue_limit,
+               max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     return 0
 
 
@@ -310,7 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", metavar="INDEX_DIR")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=2, help="search worker threads (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="search workers, each with its own model copies "
+                   "(default 2)")
+    p.add_argument("--queue-limit", type=int, default=32, help="requests that may wait for a worker before "
+                   "new ones get 503 (default 32)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="upload size limit in MB (default 10)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a classifier RUN_DIR or a registered extractor to ONNX")
