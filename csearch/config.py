@@ -63,11 +63,11 @@ class ClassifyConfig:
 class SearchConfig:
     k: int = 5
     restrict: bool = True  # restrict to the predicted category when the index has a classifier
-    rerank: str = "none"  # none | iou | fused (see csearch.search)
+    rerank: str = "none"  # none | iou | fused | iou_crop | fused_crop (see csearch.search)
     rerank_top: int = 10  # how many KNN candidates the re-ranker re-orders
     rerank_weight: float = 0.5  # fused: weight of the IoU term
     mask_size: int = 64  # masks are compared at mask_size x mask_size
-    engine: str = "numpy"  # numpy | faiss (exact either way)
+    engine: str = "auto"  # numpy | faiss | auto: FAISS for single queries, numpy for batches (exact either way)
 
 
 @dataclass(frozen=True)

@@ -335,25 +335,23 @@ class Engine:
         rows = snap.rows_for_categories(categories) if categories else None
         exclude = np.fromiter((int(i) for i in exclude_ids), np.int64)
         if len(exclude):
-            keep = ~np.isin(snap.ids, exclude)
+            keep = ~np.isin(snap.gather("ids", np.arange(len(snap))), exclude)
             rows = np.flatnonzero(keep) if rows is None else rows[keep[rows]]
         depth = max(k, cfg.rerank_top) if cfg.rerank != "none" else k
         if len(snap) == 0 or (rows is not None and len(rows) == 0):
             return [], {"search": (time.perf_counter() - started) * 1e3, "rerank": 0.0}
-        found, distances = knn(snap.vectors, vector[None], depth, rows=rows, engine=cfg.engine,
-                               sq_norms=snap.sq_norms)
+        found, distances = knn(snap.blocks(), vector[None], depth, rows=rows, engine=cfg.engine)
         found, distances = found[0], distances[0]
         searched = time.perf_counter()
         query_box = np.array([0, 0, 1, 1], np.float32) if box is None else box
         order, scores, ious = rerank_with_masks(distances, pack_masks(mask[None])[0], query_box,
-                                                snap.mask_bits[found], snap.boxes[found], snap.mask_size,
-                                                method=cfg.rerank, weight=cfg.rerank_weight)
-        hits = []
-        for rank, position in enumerate(order[:k]):
-            row = int(found[position])
-            hits.append(Hit(id=int(snap.ids[row]), path=snap.paths[row], product=snap.products[row],
-                            category=snap.categories[row], distance=float(distances[position]),
-                            iou=None if ious is None else float(ious[rank]), score=float(scores[rank])))
+                                                snap.gather("masks", found), snap.gather("boxes", found),
+                                                snap.mask_size, method=cfg.rerank, weight=cfg.rerank_weight)
+        shown = order[:k]
+        records = snap.records(found[shown])
+        hits = [Hit(id=r["id"], path=r["path"], product=r["product"], category=r["category"],
+                    distance=float(distances[position]), iou=None if ious is None else float(ious[rank]),
+                    score=float(scores[rank])) for rank, (position, r) in enumerate(zip(shown, records))]
         timings = {"search": (searched - started) * 1e3, "rerank": (time.perf_counter() - searched) * 1e3}
         return hits, timings
 
