@@ -49,6 +49,7 @@ from .errors import ConfigError, CSearchError, ImageError, StoreError, unknown_n
 from .pipeline import Engine, load_models
 from .preprocess import downscale_max_side, load_image
 from .search import RERANK_METHODS
+from .store import fsync_dir
 from .types import Localization, QueryResult, Record
 
 log = logging.getLogger("csearch.serve")
@@ -356,14 +357,6 @@ def _upload_suffix(data: bytes) -> str:
     return found[0] if found else ".img"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _LruCache:
     def __init__(self, size: int):
         self._size, self._items, self._lock = size, OrderedDict(), threading.Lock()
@@ -528,7 +521,7 @@ class Service:
         """Write, fsync, rename, fsync the folder: the file is durable before the store refers to it."""
         if not self.uploads.is_dir():
             self.uploads.mkdir(exist_ok=True)
-            _fsync_dir(self.index_dir)
+            fsync_dir(self.index_dir)
         name = f"{uuid.uuid4().hex}{suffix}"
         tmp = self.uploads / f".tmp-{name}"
         with open(tmp, "xb") as handle:
@@ -537,7 +530,7 @@ class Service:
             os.fsync(handle.fileno())
         final = self.uploads / name
         os.replace(tmp, final)
-        _fsync_dir(self.uploads)
+        fsync_dir(self.uploads)
         return final.resolve()
 
     def _discard_unless_indexed(self, path: Path) -> None:

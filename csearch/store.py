@@ -67,7 +67,8 @@ LOAD_RETRIES = 5
 
 # ------------------------------------------------------------------------------- durable files
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename/creation inside `path` durable (POSIX needs the folder itself fsynced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -590,7 +591,7 @@ class IndexStore:
         if directory.exists() and not directory.is_dir():
             raise StoreError(f"index path exists and is not a directory: {directory}")
         directory.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
         has_index = (directory / MANIFEST).exists()
         if has_index and not overwrite:
             raise StoreError(f"an index already exists in {directory}; pass overwrite to replace it")
@@ -795,7 +796,7 @@ def _write_manifest(directory: Path, manifest: dict, unsynced: Sequence[Path] = 
     _write_durably(tmp, json.dumps(manifest, indent=1, ensure_ascii=False).encode(), sync=False)
     _fsync_paths([tmp, directory, *unsynced])
     os.replace(tmp, directory / MANIFEST)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _collect_garbage(directory: Path, manifest: dict) -> None:
