@@ -39,6 +39,8 @@ class LocalizeConfig:
     model: Optional[str] = None  # U²-Net ONNX file (None: resolve u2netp.onnx, see `csearch models`)
     matting: str = "pymatting"  # none | pymatting | fba
     matting_model: Optional[str] = None  # FBA ONNX file, for matting=fba
+    input_size: int = 320  # U²-Net input side (320 as trained; 256/224 faster, less accurate)
+    threads: Optional[int] = None  # ONNX Runtime intra-op threads per localizer (None: 1)
     threshold: float = 0.5  # alpha above this is object
     band: int = 11  # width in px of the trimap's unknown band (matting cost grows with it)
     crop: bool = True  # crop the cut-out to the object's box before feature extraction
