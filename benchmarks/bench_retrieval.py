@@ -1,0 +1,138 @@
+"""Retrieval results on the Grocery Store dataset (real weights), as recorded in
+docs/results/retrieval.md.
+
+Cases (val photos are always the queries; nothing is tuned on anything else):
+    train-val            gallery train.txt (2,640 in-store photos), queries val.txt (296)
+    train-val-packages   the same, Packages group only (--subset /Packages/)
+    catalogue            gallery = the 81 iconic product images (classes.csv), queries val.txt
+    catalogue-packages   the same, Packages group only
+
+Pipelines per case:
+    plain        global KNN over MobileNet ImageNet features: no localization, RGB, unrestricted,
+                 no re-ranking (the issue's reference baseline)
+    recommended  the best pipeline measured (the flags below; see RECOMMENDED)
+    paper        the paper's choices: U²-Net + matting, grayscale, IoU re-ranking of the top 10
+    defaults     the command's current defaults (csearch/config.py), no flags
+
+    CSEARCH_HOME=../shared/models python benchmarks/bench_retrieval.py            # everything
+    python benchmarks/bench_retrieval.py --cases train-val --pipelines plain      # one cell
+    python benchmarks/bench_retrieval.py --ablate --figures                       # + tables, PNGs
+
+Each cell is one `python -m csearch.evaluate retrieval` command, run as a subprocess and
+recorded verbatim (with its runtime) in OUT/summary.{json,md}. Only the first case runs its
+queries live; the others reuse the cached query localizations (--cached-queries), so their
+localize latency is a cache read (their accuracy is unaffected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GROCERY = REPO.parent / "shared" / "datasets" / "grocery-store"
+MODELS = REPO.parent / "shared" / "models"
+
+CASES = {
+    "train-val": ("train.txt", None),
+    "train-val-packages": ("train.txt", "/Packages/"),
+    "catalogue": ("classes.csv", None),
+    "catalogue-packages": ("classes.csv", "/Packages/"),
+}
+PLAIN = ["--localizer", "none", "--matting", "none", "--color", "rgb", "--extractor", "mobilenet",
+         "--rerank", "none"]
+RECOMMENDED = ["--localizer", "u2net", "--matting", "none", "--color", "rgb", "--extractor", "mobilenet",
+               "--set", "localize.crop=true", "--rerank", "none"]
+PAPER = ["--localizer", "u2net", "--matting", "pymatting", "--color", "gray", "--extractor", "mobilenet",
+         "--rerank", "iou", "--rerank-top", "10"]
+PIPELINES = {"plain": PLAIN, "recommended": RECOMMENDED, "paper": PAPER, "defaults": []}
+KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision", "mrr")
+
+
+def entry_point() -> list[str]:
+    """`python -m csearch.evaluate retrieval` once csearch.evaluate routes it, else this
+    package's standalone entry (same arguments)."""
+    evaluate = REPO / "csearch" / "evaluate.py"
+    if evaluate.is_file() and "retrieval_eval" in evaluate.read_text():
+        return [sys.executable, "-m", "csearch.evaluate", "retrieval"]
+    return [sys.executable, "-m", "csearch.retrieval_eval"]
+
+
+def command(case: str, pipeline: str, out: Path, cache: Path, live: bool, ablate: bool, figures: bool) -> list[str]:
+    gallery, subset = CASES[case]
+    cmd = entry_point() + ["--gallery", str(GROCERY / gallery), "--queries", str(GROCERY / "val.txt"),
+                           "--out", str(out / case / pipeline), "--cache-dir", str(cache)]
+    if subset:
+        cmd += ["--subset", subset]
+    if not live:
+        cmd.append("--cached-queries")
+    cmd += PIPELINES[pipeline]
+    if ablate:
+        cmd.append("--ablate")
+    if figures:
+        cmd.append("--figures")
+    return cmd
+
+
+def run(cmd: list[str], env: dict) -> float:
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    return time.perf_counter() - started
+
+
+def summary_table(rows: list[dict]) -> str:
+    lines = ["| case | pipeline | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | p50 ms | p95 ms | queries | gallery | runtime s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['pipeline']} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS)
+                     + f" | {r['latency_ms_p50']:.0f} | {r['latency_ms_p95']:.0f} | {r['n_queries']} | "
+                       f"{r['n_gallery']} | {r['runtime_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "retrieval")
+    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("CSEARCH_EVAL_CACHE", "/work/cache/csearch-eval")))
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
+    parser.add_argument("--pipelines", default="plain,recommended,paper", help=f"comma-separated: {', '.join(PIPELINES)}")
+    parser.add_argument("--ablate", action="store_true", help="ablation table for each case (recommended pipeline)")
+    parser.add_argument("--figures", action="store_true", help="figures for each case (recommended pipeline)")
+    parser.add_argument("--live", default="train-val", help="the case whose queries run uncached (honest latency)")
+    args = parser.parse_args(argv)
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # OpenBLAS threads spin on the tiny per-query matrix products (mask resize, one-query KNN):
+    # on a shared 2-core box they made them 100x slower (0.2 ms -> 30-60 ms). One thread per process.
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    env.setdefault("CSEARCH_HOME", str(MODELS))
+    rows = []
+    summary_path = args.out / "summary.json"
+    for case in args.cases.split(","):
+        for pipeline in args.pipelines.split(","):
+            extra = pipeline == "recommended"
+            cmd = command(case, pipeline, args.out, args.cache_dir, case == args.live, extra and args.ablate,
+                          extra and args.figures)
+            seconds = run(cmd, env)
+            report = json.loads((args.out / case / pipeline / "retrieval.json").read_text())
+            rows.append({"case": case, "pipeline": pipeline, **{k: report[k] for k in KEYS},
+                         "latency_ms_p50": report["latency_ms_p50"], "latency_ms_p95": report["latency_ms_p95"],
+                         "n_queries": report["n_queries"], "n_gallery": report["n_gallery"],
+                         "runtime_s": round(seconds, 1),
+                         "command": " ".join(shlex.quote(c) for c in cmd).replace(str(REPO.parent), "..")})
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(json.dumps(rows, indent=1))
+    (args.out / "summary.md").write_text(summary_table(rows) + "\n\nCommands:\n\n" +
+                                         "\n".join(f"    {r['command']}" for r in rows) + "\n")
+    print(summary_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

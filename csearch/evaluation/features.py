@@ -1,0 +1,268 @@
+"""Per-setting features for the evaluation, computed once and cached.
+
+A *feature setting* is everything that changes an image's vector, mask or box: preprocessing,
+localization, extractor and mask size. Search-time options (restriction, re-ranking, k) do not
+belong to it, so every search variant of the ablation reuses the same features.
+
+- The gallery becomes a real csearch index (`build_index`), cached under
+  CACHE/index/<setting>-<catalogue>, so the evaluation searches exactly what `csearch query` would.
+- The queries become a `QueryFeatures` (vectors, masks, boxes, classifier probabilities), cached
+  as one .npz per (setting, catalogue, classifier).
+- Localizations are cached per image (cache.CachedLocalizer) and shared by both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..config import Config
+from ..data import Catalogue
+from ..pipeline import Models, build_index, prepare_image
+from ..preprocess import load_image
+from ..types import Prediction, Record
+from .cache import ArrayCache, CachedExtractor, CachedLocalizer, file_digest, files_digest, settings_digest
+
+log = logging.getLogger("csearch")
+
+QUERY_CHUNK = 128  # images extracted per batch group: bounds memory on large query sets
+
+
+def default_cache_dir() -> Path:
+    """$CSEARCH_EVAL_CACHE, else ~/.cache/csearch/eval."""
+    return Path(os.environ.get("CSEARCH_EVAL_CACHE") or "~/.cache/csearch/eval").expanduser()
+
+
+def localize_settings(config: Config) -> dict:
+    """What changes a localization besides the image (crop/margin act afterwards)."""
+    settings = {k: v for k, v in config.to_dict()["localize"].items() if k not in ("crop", "margin")}
+    for key in ("model", "matting_model"):
+        if settings.get(key):
+            settings[key] = file_digest(settings[key])
+    return settings
+
+
+def feature_settings(config: Config) -> dict:
+    """Everything that changes a vector, mask or box. `config` must be resolved (absolute files)."""
+    data = config.to_dict()
+    embed = dict(data["embed"])
+    embed.pop("batch_size")
+    for key in ("extractor", "weights"):
+        if embed.get(key) and Path(embed[key]).is_file():
+            embed[key] = [Path(embed[key]).name, file_digest(embed[key])]
+    localize = localize_settings(config)
+    localize.update(crop=config.localize.crop, margin=config.localize.margin)
+    return {"preprocess": {k: v for k, v in data["preprocess"].items() if k not in ("max_pixels", "min_side")},
+            "localize": localize, "embed": embed, "mask_size": config.search.mask_size}
+
+
+def catalogue_digest(records: Sequence[Record]) -> str:
+    """Paths, labels, sizes and mtimes: editing or relabelling an image misses the cache."""
+    rows = []
+    for r in records:
+        stat = os.stat(r.path)
+        rows.append((r.path, r.category, r.product, stat.st_size, stat.st_mtime_ns))
+    return settings_digest(rows)
+
+
+def cached_models(models: Models, config: Config, cache_dir: Path, read: bool = True) -> Models:
+    """`models` with the localizer and extractor wrapped in the per-image caches. `read=False`
+    (timed queries) fills the caches without reading them, so the timings stay honest; call
+    `flush_caches` afterwards to write what they collected."""
+    localizer = CachedLocalizer(models.localizer, ArrayCache(cache_dir / "loc", defer=not read),
+                                localize_settings(config), read=read)
+    extractor = CachedExtractor(models.extractor, ArrayCache(cache_dir / "vec", defer=not read), read=read)
+    return replace(models, localizer=localizer, extractor=extractor)
+
+
+def flush_caches(models: Models) -> None:
+    for model in (models.localizer, models.extractor):
+        cache = getattr(model, "cache", None)
+        if cache is not None:
+            cache.flush()
+
+
+# ----------------------------------------------------------------------------- gallery
+
+
+def gallery_index(catalogue: Catalogue, config: Config, models: Models, cache_dir: Path,
+                  progress: Optional[Callable[[int], None]] = None, workers: int = 2):
+    """The gallery as a csearch index in the cache (built once, resumed if interrupted)."""
+    from ..store import IndexStore
+
+    key = f"{settings_digest(feature_settings(config))}-{catalogue_digest(catalogue.records)}"
+    out = cache_dir / "index" / key
+    if (out / "manifest.json").is_file():
+        store = IndexStore.open(out)
+        if store.meta.get("complete") and len(store) == len(catalogue.records):
+            if progress:
+                progress(len(catalogue.records))
+            return store
+    # the classifier only labels unlabelled gallery images, which an evaluation gallery has none of
+    report = build_index(catalogue, config, out, progress=progress, models=replace(models, classifier=None),
+                         workers=workers)
+    if report.failures:
+        log.warning("gallery: %d image(s) could not be indexed, e.g. %s", len(report.failures),
+                    report.failures[0])
+    (out / "feature_settings.json").write_text(json.dumps(feature_settings(config), indent=1))
+    return IndexStore.open(out)
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+@dataclass
+class QueryFeatures:
+    """One catalogue of queries under one feature setting; rows follow `records`."""
+
+    records: list[Record]
+    vectors: np.ndarray  # float32 (Q, D)
+    masks: np.ndarray  # bool (Q, S, S)
+    boxes: np.ndarray  # float32 (Q, 4)
+    backends: list[str]  # what localized each query (fallbacks visible)
+    probs: Optional[np.ndarray] = None  # float32 (Q, C) classifier probabilities
+    class_names: Optional[list[str]] = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def prediction(self, row: int, top_n: int) -> Optional[Prediction]:
+        """The classifier's prediction for query `row`, as Classifier.predict_top builds it."""
+        if self.probs is None:
+            return None
+        p = self.probs[row]
+        order = np.argsort(-p, kind="stable")[: max(1, top_n)]
+        top = tuple((self.class_names[i], float(p[i])) for i in order)
+        return Prediction(category=top[0][0], probability=top[0][1], top=top)
+
+    def save(self, path: Path) -> None:
+        arrays = {"vectors": self.vectors, "masks": np.packbits(self.masks.reshape(len(self), -1), axis=1),
+                  "boxes": self.boxes, "mask_side": np.array(self.masks.shape[1]),
+                  "records": np.array(json.dumps([[r.path, r.category, r.product] for r in self.records])),
+                  "backends": np.array(json.dumps(self.backends))}
+        if self.probs is not None:
+            arrays.update(probs=self.probs, class_names=np.array(json.dumps(self.class_names)))
+        tmp = path.with_suffix(".tmp.npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "QueryFeatures":
+        with np.load(path, allow_pickle=False) as data:
+            side = int(data["mask_side"])
+            records = [Record(*row) for row in json.loads(str(data["records"]))]
+            masks = np.unpackbits(data["masks"], axis=1, count=side * side).reshape(-1, side, side).astype(bool)
+            probs = data["probs"] if "probs" in data.files else None
+            names = json.loads(str(data["class_names"])) if "class_names" in data.files else None
+            return cls(records, data["vectors"], masks, data["boxes"], json.loads(str(data["backends"])),
+                       probs, names)
+
+
+def query_features(catalogue: Catalogue, config: Config, models: Models, cache_dir: Path,
+                   progress: Optional[Callable[[int], None]] = None) -> QueryFeatures:
+    """Localize, embed (and classify) every query once per setting; cached on disk."""
+    settings = feature_settings(config)
+    if models.classifier is not None:
+        settings["classifier"] = files_digest(getattr(models.classifier, "files", []))
+    path = cache_dir / "queries" / f"{settings_digest(settings)}-{catalogue_digest(catalogue.records)}.npz"
+    if path.is_file():
+        if progress:
+            progress(len(catalogue.records))
+        return QueryFeatures.load(path)
+    features = compute_query_features(catalogue.records, config, models, progress)
+    features.save(path)
+    return features
+
+
+def compute_query_features(records: Sequence[Record], config: Config, models: Models,
+                           progress: Optional[Callable[[int], None]] = None) -> QueryFeatures:
+    """The same steps as Engine.prepare/embed/classify, batched. Unreadable images are an
+    error: a query set silently shrinking would change every metric."""
+    from ..embed import embed_batches
+
+    parts = []
+    for start in range(0, len(records), QUERY_CHUNK):
+        chunk = records[start:start + QUERY_CHUNK]
+        prepared = []
+        for record in chunk:
+            image = load_image(record.path, config.preprocess.max_pixels, config.preprocess.min_side)
+            prepared.append(prepare_image(image, config, models.localizer, models.classifier))
+            if progress:
+                progress(1)
+        vectors = embed_batches(models.extractor, np.stack([p.extractor_input for p in prepared]),
+                                config.embed.batch_size, config.embed.normalize)
+        probs = None
+        if models.classifier is not None:
+            probs = np.asarray(models.classifier.predict(np.stack([p.classifier_input for p in prepared])),
+                               np.float32)
+        parts.append((prepared, vectors, probs))
+    prepared = [p for part in parts for p in part[0]]
+    probs = np.concatenate([part[2] for part in parts]) if models.classifier is not None else None
+    return QueryFeatures(
+        records=list(records), vectors=np.concatenate([part[1] for part in parts]).astype(np.float32),
+        masks=np.stack([p.mask for p in prepared]), boxes=np.stack([p.box for p in prepared]).astype(np.float32),
+        backends=[p.localization.backend for p in prepared], probs=probs,
+        class_names=list(models.classifier.class_names) if models.classifier is not None else None)
+
+
+def store_as_queries(store) -> QueryFeatures:
+    """The gallery itself as a query set (leave-one-out tuning on the training gallery)."""
+    from ..store import unpack_masks
+
+    records = [Record(p, c, pr) for p, c, pr in zip(store.paths, store.categories, store.products)]
+    masks = unpack_masks(np.asarray(store.mask_bits), store.mask_size)
+    return QueryFeatures(records, np.asarray(store.vectors, np.float32), masks,
+                         np.asarray(store.boxes, np.float32), ["(index)"] * len(records))
+
+
+# ----------------------------------------------------------------------------- two views
+
+
+class ArrayStore:
+    """An in-memory gallery with the reading side of IndexStore that the evaluation uses: for
+    feature combinations no pipeline stores yet (e.g. photo + cut-out)."""
+
+    def __init__(self, vectors, mask_bits, boxes, mask_size, paths, categories, products):
+        self.vectors = np.ascontiguousarray(vectors, np.float32)
+        self.sq_norms = np.einsum("ij,ij->i", self.vectors, self.vectors)
+        self.mask_bits, self.boxes, self.mask_size = mask_bits, boxes, mask_size
+        self.paths, self.categories, self.products = list(paths), list(categories), list(products)
+        self.ids = np.arange(len(self.vectors), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def rows_for_categories(self, categories) -> np.ndarray:
+        return np.flatnonzero(np.isin(np.array(self.categories, dtype=object), list(categories)))
+
+    def masks(self, rows) -> np.ndarray:
+        from ..store import unpack_masks
+
+        return unpack_masks(np.asarray(self.mask_bits)[np.asarray(rows, np.int64).reshape(-1)], self.mask_size)
+
+
+def combine_views(primary: tuple, secondary: tuple, weight: float = 0.5) -> tuple:
+    """Concatenate two settings' unit vectors as [sqrt(1-w) a, sqrt(w) b], so the squared distance
+    is (1-w) d_a^2 + w d_b^2: an ensemble of two views of every image (e.g. the cut-out and the
+    whole photo). Masks and boxes come from `primary`, classifier probabilities from `secondary`
+    when it has them. Each argument is (store, QueryFeatures)."""
+    (store_a, q_a), (store_b, q_b) = primary, secondary
+    if list(store_a.paths) != list(store_b.paths) or [r.path for r in q_a.records] != [r.path for r in q_b.records]:
+        raise ValueError("the two views must hold the same images in the same order")
+    a, b = np.sqrt(1.0 - weight), np.sqrt(weight)
+    vectors = np.concatenate([a * np.asarray(store_a.vectors), b * np.asarray(store_b.vectors)], axis=1)
+    store = ArrayStore(vectors, np.asarray(store_a.mask_bits), np.asarray(store_a.boxes), store_a.mask_size,
+                       store_a.paths, store_a.categories, store_a.products)
+    # the classifier sees the whole photo (secondary) when it has probabilities: that is what a
+    # category classifier is trained on, and a failed cut-out then cannot mislead it too
+    probs, names = (q_b.probs, q_b.class_names) if q_b.probs is not None else (q_a.probs, q_a.class_names)
+    queries = replace(q_a, vectors=np.concatenate([a * q_a.vectors, b * q_b.vectors], axis=1).astype(np.float32),
+                      probs=probs, class_names=names)
+    return store, queries
