@@ -8,15 +8,19 @@ Cases (val photos are always the queries; nothing is tuned on anything else):
     catalogue-packages   the same, Packages group only
 
 Pipelines per case:
-    plain        global KNN over MobileNet ImageNet features: no localization, RGB, unrestricted,
-                 no re-ranking (the issue's reference baseline)
-    recommended  the best pipeline measured (the flags below; see RECOMMENDED)
-    paper        the paper's choices: U²-Net + matting, grayscale, IoU re-ranking of the top 10
-    defaults     the command's current defaults (csearch/config.py), no flags
+    plain     global KNN over MobileNet ImageNet features: no localization, RGB, unrestricted,
+              no re-ranking (the issue's reference baseline)
+    photo     the best pipeline the current code runs: EfficientNet-Lite0 on the whole photo, and
+              with --classifier RUN_DIR the search restricted to the predicted category (top-1)
+    cutout    U²-Net-p cut-out (no matting, cropped to its box), EfficientNet-Lite0; the ablation
+              (--ablate) and figures (--figures) run around it, with the classifier loaded for the
+              restriction rows but the headline unrestricted (--restrict off)
+    paper     the paper's choices: U²-Net-p + matting, grayscale, MobileNet, IoU re-ranking of
+              the top 10 (unrestricted)
+    defaults  the command's current defaults (csearch/config.py), no flags
 
-    CSEARCH_HOME=../shared/models python benchmarks/bench_retrieval.py            # everything
+    CSEARCH_HOME=../shared/models python benchmarks/bench_retrieval.py --classifier RUN_DIR --ablate --figures
     python benchmarks/bench_retrieval.py --cases train-val --pipelines plain      # one cell
-    python benchmarks/bench_retrieval.py --ablate --figures                       # + tables, PNGs
 
 Each cell is one `python -m csearch.evaluate retrieval` command, run as a subprocess and
 recorded verbatim (with its runtime) in OUT/summary.{json,md}. Only the first case runs its
@@ -47,11 +51,15 @@ CASES = {
 }
 PLAIN = ["--localizer", "none", "--matting", "none", "--color", "rgb", "--extractor", "mobilenet",
          "--rerank", "none"]
-RECOMMENDED = ["--localizer", "u2net", "--matting", "none", "--color", "rgb", "--extractor", "mobilenet",
-               "--set", "localize.crop=true", "--rerank", "none"]
+PHOTO = ["--localizer", "none", "--matting", "none", "--color", "rgb", "--extractor", "efficientnet_lite0",
+         "--rerank", "none"]
+CUTOUT = ["--localizer", "u2net", "--matting", "none", "--color", "rgb", "--extractor", "efficientnet_lite0",
+          "--set", "localize.crop=true", "--rerank", "none"]
 PAPER = ["--localizer", "u2net", "--matting", "pymatting", "--color", "gray", "--extractor", "mobilenet",
          "--rerank", "iou", "--rerank-top", "10"]
-PIPELINES = {"plain": PLAIN, "recommended": RECOMMENDED, "paper": PAPER, "defaults": []}
+PIPELINES = {"plain": PLAIN, "photo": PHOTO, "cutout": CUTOUT, "paper": PAPER, "defaults": []}
+WITH_CLASSIFIER = {"photo": [], "cutout": ["--restrict", "off"]}  # pipelines given --classifier
+ABLATED = "cutout"  # the pipeline --ablate / --figures run around
 KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision", "mrr")
 
 
@@ -64,7 +72,8 @@ def entry_point() -> list[str]:
     return [sys.executable, "-m", "csearch.retrieval_eval"]
 
 
-def command(case: str, pipeline: str, out: Path, cache: Path, live: bool, ablate: bool, figures: bool) -> list[str]:
+def command(case: str, pipeline: str, out: Path, cache: Path, live: bool, ablate: bool, figures: bool,
+            classifier: str | None = None) -> list[str]:
     gallery, subset = CASES[case]
     cmd = entry_point() + ["--gallery", str(GROCERY / gallery), "--queries", str(GROCERY / "val.txt"),
                            "--out", str(out / case / pipeline), "--cache-dir", str(cache)]
@@ -73,6 +82,8 @@ def command(case: str, pipeline: str, out: Path, cache: Path, live: bool, ablate
     if not live:
         cmd.append("--cached-queries")
     cmd += PIPELINES[pipeline]
+    if classifier and pipeline in WITH_CLASSIFIER:
+        cmd += ["--classifier", classifier] + WITH_CLASSIFIER[pipeline]
     if ablate:
         cmd.append("--ablate")
     if figures:
@@ -88,10 +99,11 @@ def run(cmd: list[str], env: dict) -> float:
 
 
 def summary_table(rows: list[dict]) -> str:
-    lines = ["| case | pipeline | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | p50 ms | p95 ms | queries | gallery | runtime s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | pipeline | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | cat. acc | p50 ms | p95 ms | queries | gallery | runtime s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['pipeline']} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS)
+                     + f" | {'-' if r['category_accuracy'] is None else format(r['category_accuracy'], '.3f')}"
                      + f" | {r['latency_ms_p50']:.0f} | {r['latency_ms_p95']:.0f} | {r['n_queries']} | "
                        f"{r['n_gallery']} | {r['runtime_s']:.0f} |")
     return "\n".join(lines)
@@ -102,9 +114,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "retrieval")
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("CSEARCH_EVAL_CACHE", "/work/cache/csearch-eval")))
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
-    parser.add_argument("--pipelines", default="plain,recommended,paper", help=f"comma-separated: {', '.join(PIPELINES)}")
-    parser.add_argument("--ablate", action="store_true", help="ablation table for each case (recommended pipeline)")
-    parser.add_argument("--figures", action="store_true", help="figures for each case (recommended pipeline)")
+    parser.add_argument("--pipelines", default="plain,photo,cutout,paper", help=f"comma-separated: {', '.join(PIPELINES)}")
+    parser.add_argument("--classifier", metavar="RUN_DIR", help="category classifier for the photo and cutout pipelines")
+    parser.add_argument("--ablate", action="store_true", help=f"ablation table for each case (around {ABLATED})")
+    parser.add_argument("--figures", action="store_true", help=f"figures for each case ({ABLATED} pipeline)")
+    parser.add_argument("--resume", action="store_true", help="skip cells whose identical command already ran")
     parser.add_argument("--live", default="train-val", help="the case whose queries run uncached (honest latency)")
     args = parser.parse_args(argv)
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -116,12 +130,19 @@ def main(argv=None) -> int:
     summary_path = args.out / "summary.json"
     for case in args.cases.split(","):
         for pipeline in args.pipelines.split(","):
-            extra = pipeline == "recommended"
+            extra = pipeline == ABLATED
             cmd = command(case, pipeline, args.out, args.cache_dir, case == args.live, extra and args.ablate,
-                          extra and args.figures)
-            seconds = run(cmd, env)
-            report = json.loads((args.out / case / pipeline / "retrieval.json").read_text())
+                          extra and args.figures, args.classifier)
+            cell = args.out / case / pipeline
+            done = cell / "bench_cell.json"
+            if args.resume and done.is_file() and json.loads(done.read_text())["command"] == cmd:
+                seconds = json.loads(done.read_text())["seconds"]  # same command already ran
+            else:
+                seconds = run(cmd, env)
+                done.write_text(json.dumps({"command": cmd, "seconds": seconds}))
+            report = json.loads((cell / "retrieval.json").read_text())
             rows.append({"case": case, "pipeline": pipeline, **{k: report[k] for k in KEYS},
+                         "category_accuracy": report["category_accuracy"], "restriction": report["restriction"],
                          "latency_ms_p50": report["latency_ms_p50"], "latency_ms_p95": report["latency_ms_p95"],
                          "n_queries": report["n_queries"], "n_gallery": report["n_gallery"],
                          "runtime_s": round(seconds, 1),

@@ -91,7 +91,8 @@ def plot_history(history: Sequence[dict], path: str | Path, title: str = "Traini
     axes = fig.subplots(1, 2)
     x = np.arange(1, len(history) + 1)
     for ax, metric in zip(axes, ("accuracy", "loss")):
-        for key, label, style in ((metric, "train", "-"), (f"val_{metric}", "validation", "--")):
+        for key, label, style in ((metric, "train", "-"),
+                                  (f"val_{metric}", "validation (split of the training data)", "--")):
             values = [_float(row.get(key)) for row in history]
             ax.plot(x, values, style, marker=".", label=label)
         ax.set_xlabel("epoch")

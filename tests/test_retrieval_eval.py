@@ -376,3 +376,11 @@ def test_evaluate_retrieval_reuses_an_index(setup, tmp_path, capfd):
     assert not (tmp_path / "cache" / "index").exists()  # nothing was indexed
     bad = evaluate.main(["retrieval", "--queries", str(setup["catalogue"]), "--out", str(out)])
     assert bad == 2 and "--gallery" in capfd.readouterr().err
+
+
+def test_predicted_rows_restrict_even_when_the_pipeline_does_not(tmp_path):
+    from csearch.evaluation import ablation
+
+    unrestricted = merge(Config(), {"search.restrict": False})
+    rows = [v for v in ablation.plan(unrestricted, has_classifier=True) if v.restriction == "predicted"]
+    assert rows and all(ablation.variant_config_overrides(v)["search.restrict"] is True for v in rows)

@@ -145,20 +145,9 @@ def test_rerun_finished_and_conflicting_config(frozen_run, catalogue, capsys):
     assert err[-1].startswith("error:") and "seed" in err[-1]
 
 
-def test_finetune_on_cached_activations_trains_only_the_top(catalogue, tmp_path):
-    from csearch.classify import Classifier, backbone_network, load_keras_model
-
-    summary = train_classifier(tiny(unfreeze=7, warmup_epochs=1), str(catalogue), tmp_path / "ft", quiet)
-    assert summary["mode"].startswith("cached activations") and summary["epochs_run"] == {"warmup": 1, "finetune": 2}
-    network = backbone_network(load_keras_model(tmp_path / "ft" / "model.keras"))
-    assert not network.get_layer("conv_pw_1").trainable and network.get_layer("conv_pw_13").trainable
-    history = train.read_history(tmp_path / "ft" / "history.csv")
-    assert [r["stage"] for r in history] == ["warmup", "finetune", "finetune"]
-    assert Classifier.load(tmp_path / "ft").predict(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 4)
-
-
-def test_finetune_moves_only_unfrozen_weights(catalogue, tmp_path, monkeypatch):
-    """Weights below the cut stay exactly as built; the unfrozen top layers change."""
+def test_finetune_on_cached_activations_moves_only_the_top(catalogue, tmp_path, monkeypatch):
+    """Warm-up then fine-tuning on cached activations: weights below the cut stay exactly as
+    built, the unfrozen top layers change, and the RUN_DIR loads as a classifier."""
     from csearch import classify
 
     built = {}
@@ -176,10 +165,16 @@ def test_finetune_moves_only_unfrozen_weights(catalogue, tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(classify, "build_classifier", spy)
-    train_classifier(tiny(unfreeze=7, epochs=1), str(catalogue), tmp_path / "ft2", quiet)
-    network = classify.backbone_network(classify.load_keras_model(tmp_path / "ft2" / "model.keras"))
+    summary = train_classifier(tiny(unfreeze=7, warmup_epochs=1, epochs=1), str(catalogue), tmp_path / "ft", quiet)
+    assert summary["mode"] == "cached activations (1, 1, 1024)"
+    assert summary["epochs_run"] == {"warmup": 1, "finetune": 1}
+    assert [r["stage"] for r in train.read_history(tmp_path / "ft" / "history.csv")] == ["warmup", "finetune"]
+    network = classify.backbone_network(classify.load_keras_model(tmp_path / "ft" / "model.keras"))
+    assert not network.get_layer("conv_pw_12").trainable and network.get_layer("conv_pw_13").trainable
     np.testing.assert_array_equal(np.array(network.get_layer("conv_pw_12").kernel), built["low"])
     assert not np.allclose(np.array(network.get_layer("conv_pw_13").kernel), built["top"])
+    clf = classify.Classifier.load(tmp_path / "ft")
+    assert clf.predict(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 4)
 
 
 def test_end_to_end_on_images(catalogue, tmp_path):

@@ -50,11 +50,17 @@ class Variant:
     restriction: Optional[str] = None  # None: as the evaluated pipeline
     shape: Optional[tuple] = None  # (kind, crop): an experimental re-ranker, weight tuned
     photo_weight: Optional[float] = None  # also embed the whole photo, with this weight (combine_views)
+    classify_photo: bool = False  # the classifier sees the whole photo instead of the cut-out
+
+
+def _predicted(top_n: int) -> tuple:
+    # restrict=True too: the evaluated pipeline may run unrestricted (--restrict off)
+    return (("classify.top_n", top_n), ("search.restrict", True))
 
 
 def plan(base: Config, has_classifier: bool) -> list[Variant]:
     """The rows of the table, one module varied at a time around `base`."""
-    rows = [Variant("pipeline", "evaluated pipeline (defaults)"),
+    rows = [Variant("pipeline", "evaluated pipeline (this command's settings)"),
             Variant("baseline", "plain KNN: no localization, RGB, MobileNet, unrestricted, no re-ranking",
                     tuple(PLAIN.items()), (("search.rerank", "none"),), "off")]
     none_matting = ("localize.matting", "none")
@@ -67,8 +73,10 @@ def plan(base: Config, has_classifier: bool) -> list[Variant]:
     ]
     rows.append(Variant("restriction", "off", restriction="off"))
     if has_classifier:
-        rows += [Variant("restriction", "predicted top-1", (), (("classify.top_n", 1),), "predicted"),
-                 Variant("restriction", "predicted top-3", (), (("classify.top_n", 3),), "predicted")]
+        rows += [Variant("restriction", "predicted top-1", (), _predicted(1), "predicted"),
+                 Variant("restriction", "predicted top-3", (), _predicted(3), "predicted"),
+                 Variant("restriction", "predicted top-1, classifier sees the whole photo", (), _predicted(1),
+                         "predicted", classify_photo=True)]
     rows.append(Variant("restriction", "oracle (true category; not a real result)", restriction="oracle"))
     rows.append(Variant("re-ranking", "none", search=(("search.rerank", "none"),)))
     for top in (5, 10, 20):
@@ -84,6 +92,9 @@ def plan(base: Config, has_classifier: bool) -> list[Variant]:
         rows.append(Variant("re-ranking", kind, shape=(kind, False)))
     rows += [Variant("views", "object cut-out only"),
              Variant("views", "cut-out + whole photo, equal weight", photo_weight=0.5)]
+    if has_classifier:
+        rows.append(Variant("views", "cut-out + whole photo, predicted top-1 (classifier sees the photo)",
+                            search=_predicted(1), restriction="predicted", photo_weight=0.5))
     rows += [Variant("colour", c, (("preprocess.color", c),)) for c in ("rgb", "gray")]
     rows += [Variant("extractor", e, (("embed.extractor", e), ("embed.weights", "imagenet"))) for e in EXTRACTORS]
     return rows
@@ -111,10 +122,14 @@ class ModelPool:
         return Models(self.localizers[l_key], self.extractors[e_key], self.classifier)
 
 
+def variant_config_overrides(variant: Variant) -> dict:
+    return dict(variant.features) | dict(variant.search)
+
+
 def variant_config(base: Config, variant: Variant) -> Config:
     from ..pipeline import resolve_config
 
-    return resolve_config(merge(base, dict(variant.features) | dict(variant.search)))
+    return resolve_config(merge(base, variant_config_overrides(variant)))
 
 
 def default_restriction(config: Config, has_classifier: bool) -> str:
@@ -144,11 +159,14 @@ def run_variants(base: Config, gallery, queries, cache_dir: Path, classifier=Non
         log.info("ablation: %s / %s", variant.group, variant.name)
         config = variant_config(base, variant)
         key, (store, qf) = features_for(config)
-        if variant.photo_weight:
+        if variant.photo_weight or variant.classify_photo:
             photo = merge(config, {"localize.backend": "none", "localize.matting": "none"})
             photo_key, photo_features = features_for(photo)
-            store, qf = combine_views((store, qf), photo_features, variant.photo_weight)
-            key = f"{key}+{photo_key}@{variant.photo_weight}"
+            if variant.photo_weight:
+                store, qf = combine_views((store, qf), photo_features, variant.photo_weight)
+                key = f"{key}+{photo_key}@{variant.photo_weight}"
+            else:
+                qf = replace(qf, probs=photo_features[1].probs, class_names=photo_features[1].class_names)
         restriction = variant.restriction or default_restriction(config, classifier is not None)
         reranker, tuning = None, None
         if variant.shape:
