@@ -347,20 +347,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.verbose:
         logging.getLogger().setLevel(logging.DEBUG)
+    return run_command(args.func, args, "what was committed is safe (rerun `csearch index` to resume)")
+
+
+def run_command(func, args: argparse.Namespace, on_interrupt: str) -> int:
+    """Run a command with stdout reserved for its JSON, typed errors as one line (exit 2) and
+    Ctrl-C as a one-line note (exit 130). Shared by every entry point."""
     try:
         with stdout_to_stderr() as real_stdout:
             args.stdout = real_stdout
             try:
-                return args.func(args)
+                return func(args)
             finally:
                 real_stdout.flush()
     except CSearchError as exc:
         print(f"csearch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("csearch: interrupted; what was committed is safe (rerun `csearch index` to resume)", file=sys.stderr)
+        print(f"csearch: interrupted; {on_interrupt}", file=sys.stderr)
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -322,24 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m csearch.evaluate retrieval ARGS` (csearch.evaluate passes ARGS here) or
     `python -m csearch.retrieval_eval ARGS`: parse, run, one-line errors, stdout kept for --json."""
-    from .cli import quiet_frameworks, stdout_to_stderr
-    from .errors import CSearchError
+    from .cli import quiet_frameworks, run_command
 
     quiet_frameworks()
     args = build_parser().parse_args(None if argv is None else list(argv))
-    try:
-        with stdout_to_stderr() as real_stdout:
-            args.stdout = real_stdout
-            try:
-                return run(args)
-            finally:
-                real_stdout.flush()
-    except CSearchError as exc:
-        print(f"csearch: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("csearch: interrupted; cached features are kept, rerun to resume", file=sys.stderr)
-        return 130
+    return run_command(run, args, "cached features are kept, rerun to resume")
 
 
 if __name__ == "__main__":
