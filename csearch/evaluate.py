@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -316,30 +315,32 @@ def _retrieval(args: Sequence[str]) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != "csearch.retrieval_eval":
             raise
-        print("error: retrieval evaluation is not available (module csearch.retrieval_eval is missing)",
+        print("csearch: error: retrieval evaluation is not available (module csearch.retrieval_eval is missing)",
               file=sys.stderr)
         return 2
     return retrieval_eval.main(list(args))
 
 
+def _run_classifier(args: argparse.Namespace) -> int:
+    results = evaluate_classifiers(args.model, args.data, args.out, args.backend, args.batch_size)
+    for result in results:
+        log.info("%s: top-1 accuracy %.4f, average accuracy %.4f on %d images -> %s",
+                 Path(result["model"]).name, result["accuracy"], result["average_accuracy"],
+                 result["n_images"], args.out)
+    if args.json:
+        args.stdout.write(json.dumps(results if len(results) > 1 else results[0]) + "\n")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["retrieval"]:  # before argparse, so `retrieval --help` reaches its owner
         return _retrieval(argv[1:])
+    from .cli import quiet_frameworks, run_command
+
+    quiet_frameworks()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        results = evaluate_classifiers(args.model, args.data, args.out, args.backend, args.batch_size)
-    except errors.CSearchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for result in results:
-        log.info("%s: top-1 accuracy %.4f, average accuracy %.4f on %d images -> %s", Path(result["model"]).name,
-                 result["accuracy"], result["average_accuracy"], result["n_images"], args.out)
-    if args.json:
-        print(json.dumps(results if len(results) > 1 else results[0]))
-    return 0
+    return run_command(_run_classifier, args, "nothing was written that a rerun would not redo")
 
 
 if __name__ == "__main__":

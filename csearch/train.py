@@ -217,9 +217,9 @@ def load_images(paths: Sequence[str], size: int, color: str, workers: int,
     return stack, kept, skipped
 
 
-def prepare_data(config: TrainConfig, data: str, say: Callable[[str], None]):
-    """Read the catalogue(s), split, decode. Returns (class_names, train, val, skipped, notes)."""
-    catalogue = read_catalogue(data)
+def prepare_data(config: TrainConfig, catalogue: Catalogue, say: Callable[[str], None]):
+    """Split and decode a catalogue (+ config.val). Returns (class_names, train, val, skipped, notes)."""
+    data = catalogue.spec
     say(f"data: {catalogue.summary()}")
     records = labelled(catalogue, "--data", say)
     notes: list[str] = []
@@ -545,13 +545,15 @@ def _check_run_dir(run_dir: Path, resolved: dict) -> Optional[dict]:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         return None
-    previous = (yaml.safe_load(config_path.read_text()) or {}).get("train", {})
-    changed = sorted(k for k in set(previous) | set(resolved["train"])
-                     if previous.get(k) != resolved["train"].get(k))
-    if changed or previous.get("weights_sha256") != resolved.get("weights_sha256"):
-        key = changed[0] if changed else "weights_sha256"
-        raise errors.ConfigError(f"{run_dir} holds a run with another config ({key}: "
-                                 f"{previous.get(key)!r} -> {resolved['train'].get(key)!r}); "
+    saved = yaml.safe_load(config_path.read_text()) or {}
+    previous, current = saved.get("train", {}), resolved["train"]
+    changed = [(k, previous.get(k), current.get(k)) for k in sorted(set(previous) | set(current))
+               if previous.get(k) != current.get(k)]
+    changed += [(k, saved.get(k), resolved.get(k)) for k in ("data", "weights_sha256")
+                if saved.get(k) != resolved.get(k)]
+    if changed:
+        key, old, new = changed[0]
+        raise errors.ConfigError(f"{run_dir} holds a run with another config ({key}: {old!r} -> {new!r}); "
                                  f"use a new --out or delete it")
     summary = run_dir / "summary.json"
     return json.loads(summary.read_text()) if summary.is_file() else None
@@ -563,11 +565,12 @@ def train_classifier(config: TrainConfig, data: str, out: str | Path,
     summary.json). Returns the summary."""
     started = time.perf_counter()
     config = validate(config)
+    catalogue = read_catalogue(data)  # cheap: a wrong SPEC fails before weights are looked up
     from .models import resolve_weights
 
     weights_path = resolve_weights(config.backbone, config.weights)  # fail fast: offline, typo
     run_dir = Path(out).expanduser().resolve()
-    resolved = {"train": config.to_dict(), "data": str(data), "command": command,
+    resolved = {"train": config.to_dict(), "data": str(Path(data).expanduser().resolve()), "command": command,
                 "csearch_version": __version__,
                 "weights_file": None if weights_path is None else str(weights_path),
                 "weights_sha256": _weights_fingerprint(weights_path)}
@@ -581,7 +584,7 @@ def train_classifier(config: TrainConfig, data: str, out: str | Path,
     import keras
 
     keras.utils.set_random_seed(config.seed)
-    class_names, train, val, skipped, notes = prepare_data(config, data, say)
+    class_names, train, val, skipped, notes = prepare_data(config, catalogue, say)
     (run_dir / "classes.json").write_text(json.dumps(class_names, indent=1) + "\n")
     say(f"{len(class_names)} classes; {len(train.labels)} training and {len(val.labels)} validation images")
 
@@ -752,30 +755,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        overrides = {**_parse_set(args.set), "backbone": args.backbone, "weights": args.weights,
-                     "epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size,
-                     "color": args.color, "val": args.val, "seed": args.seed}
-        if args.freeze_backbone:
-            overrides["freeze_backbone"] = True
-        if args.unfreeze is not None:
-            overrides.update(unfreeze=args.unfreeze, freeze_backbone=False)
-        config = load_train_config(args.config, overrides)
-        command = "python -m csearch.train " + " ".join(sys.argv[1:] if argv is None else argv)
-        summary = train_classifier(config, args.data, args.out, log.info, command)
-    except errors.CSearchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+def _run(args: argparse.Namespace) -> int:
+    overrides = {**_parse_set(args.set), "backbone": args.backbone, "weights": args.weights,
+                 "epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size,
+                 "color": args.color, "val": args.val, "seed": args.seed}
+    if args.freeze_backbone:
+        overrides["freeze_backbone"] = True
+    if args.unfreeze is not None:
+        overrides.update(unfreeze=args.unfreeze, freeze_backbone=False)
+    config = load_train_config(args.config, overrides)
+    summary = train_classifier(config, args.data, args.out, log.info, args.command_line)
     if args.json:
-        print(json.dumps(summary))
+        args.stdout.write(json.dumps(summary) + "\n")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """One-line errors (exit 2), Ctrl-C resumable (exit 130), stdout kept for --json: the
+    shared csearch.cli.run_command."""
+    from .cli import quiet_frameworks, run_command
+
+    quiet_frameworks()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = "python -m csearch.train " + " ".join(argv)
+    return run_command(_run, args, "run the same command again to resume")
 
 
 if __name__ == "__main__":

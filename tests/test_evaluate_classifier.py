@@ -92,11 +92,11 @@ def tiny_run(tmp_path_factory):
     return root / "run", data
 
 
-def test_evaluate_cli_single(tiny_run, tmp_path, capsys):
+def test_evaluate_cli_single(tiny_run, tmp_path, capfd):
     run_dir, data = tiny_run
     out = tmp_path / "eval"
     assert ev.main(["classifier", "--model", str(run_dir), "--data", str(data), "--out", str(out), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = json.loads(capfd.readouterr().out)  # stdout holds the JSON only (logs go to stderr)
     saved = json.loads((out / "classification.json").read_text())
     assert saved["accuracy"] == result["accuracy"]
     for key in ("accuracy", "average_accuracy", "per_class_accuracy_variance", "per_class_accuracy_min"):
@@ -132,7 +132,7 @@ def test_unknown_class_in_data_is_a_clear_error(tiny_run, tmp_path, capsys):
         ev.evaluate_classifiers([run_dir], str(other), tmp_path / "o")
     assert ev.main(["classifier", "--model", str(run_dir), "--data", str(other), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error:") and "spoon" in err[-1]
+    assert err[-1].startswith("csearch: error:") and "spoon" in err[-1]
 
 
 def test_retrieval_subcommand_is_delegated(monkeypatch, capsys):

@@ -111,7 +111,7 @@ def test_run_dir_contents(frozen_run):
     assert config["train"]["image_size"] == 32 and config["train"]["color"] == "rgb"
     assert config["train"]["backbone"] == "mobilenet" and config["train"]["freeze_backbone"] is True
     assert config["weights_file"] is None and config["weights_sha256"] is None
-    assert "--freeze-backbone" in config["command"]
+    assert config["command"].startswith("python -m csearch.train classifier") and "--freeze-backbone" in config["command"]
     summary = json.loads((frozen_run / "summary.json").read_text())
     assert summary["mode"] == "features" and summary["n_classes"] == 4
     assert summary["n_skipped"] == 1 and summary["skipped"][0]["path"].endswith("broken.png")
@@ -121,6 +121,15 @@ def test_run_dir_contents(frozen_run):
     rows = train.read_history(frozen_run / "history.csv")
     assert [(r["stage"], r["epoch"]) for r in rows] == [("head", "1"), ("head", "2")]
     assert all(np.isfinite(float(r["loss"])) and float(r["learning_rate"]) > 0 for r in rows)
+
+
+def test_json_summary_is_alone_on_stdout(frozen_run, catalogue, capfd):
+    args = ["classifier", "--data", str(catalogue), "--backbone", "mobilenet", "--weights", "none",
+            "--out", str(frozen_run), "--image-size", "32", "--epochs", "2", "--batch-size", "4",
+            "--freeze-backbone", "--set", "copies=1", "--seed", "1", "--json"]
+    assert train.main(args) == 0  # the finished run: summary only
+    summary = json.loads(capfd.readouterr().out)
+    assert summary["n_classes"] == 4 and summary["mode"] == "features"
 
 
 def test_trained_run_loads_as_classifier(frozen_run):
@@ -142,7 +151,7 @@ def test_rerun_finished_and_conflicting_config(frozen_run, catalogue, capsys):
     capsys.readouterr()
     assert train.main(args[:-2] + ["--seed", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error:") and "seed" in err[-1]
+    assert err[-1].startswith("csearch: error:") and "seed" in err[-1]
 
 
 def test_finetune_on_cached_activations_moves_only_the_top(catalogue, tmp_path, monkeypatch):
@@ -208,7 +217,7 @@ def test_resume_after_interruption(catalogue, tmp_path):
 # Bad input: one-line errors, no traceback
 
 def _one_line_error(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("csearch: error:")]
     assert len(err) == 1
     return err[0]
 
@@ -254,14 +263,18 @@ def test_single_category_is_an_error(tmp_path, capsys):
 
 
 @pytest.mark.shared_models
-@pytest.mark.shared_data
-def test_real_weights_fingerprint_in_config(shared_models, grocery, tmp_path):
-    """With the real MobileNet file the resolved config records its path and sha256 (no training:
-    the RUN_DIR check happens before any image is read)."""
+def test_real_weights_fingerprint_guards_resume(shared_models, tmp_path):
+    """The resolved config records the weights file's sha256; resuming the RUN_DIR with the same
+    file is allowed, with another file (or other data) it is refused."""
     from csearch.models import file_sha256
 
     path = shared_models / "mobilenet_1.0_224_imagenet.weights.h5"
-    config = train.validate(TrainConfig(weights=str(path)))
-    resolved = {"train": config.to_dict(), "weights_sha256": file_sha256(path)}
+    config = train.validate(TrainConfig(backbone="mobilenet", weights=str(path)))
+    resolved = {"train": config.to_dict(), "data": "/data/train.txt", "weights_sha256": file_sha256(path)}
     assert resolved["weights_sha256"] == "4f1d1877afe9e2fb3334ace425ae95151cf407d1a47f82c9f214dee516b1a006"
-    assert train._check_run_dir(tmp_path, resolved) is None
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(resolved))
+    assert train._check_run_dir(tmp_path, resolved) is None  # same run, not finished: resume
+    with pytest.raises(errors.ConfigError, match="weights_sha256"):
+        train._check_run_dir(tmp_path, {**resolved, "weights_sha256": "0" * 64})
+    with pytest.raises(errors.ConfigError, match="data"):
+        train._check_run_dir(tmp_path, {**resolved, "data": "/data/other.txt"})
