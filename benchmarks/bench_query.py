@@ -10,7 +10,7 @@ boxes copied from real rows), so the search cost is real and the vectors are of 
 
 - The image stages (decode, localize, prepare, embed) do not depend on the gallery: they are
   measured once, on `--n-images` real queries through the engine, one image at a time.
-- search and rerank (the engine's Engine.search, with the index's config and with IoU
+- search and rerank (Engine.search with engine numpy, engine faiss, and numpy with IoU
   re-ranking of the top 10) are measured at every size on the same query vectors.
 - exact KNN throughput: csearch.search.knn (numpy and faiss engines) and a bare
   faiss.IndexFlatL2, one query at a time and as a batch, in the same process.
@@ -145,14 +145,16 @@ def main(argv=None) -> int:
     report = {"index": str(args.index), "gallery_base": len(base), "config": engine.config.to_dict()}
     stages, prepared = image_stages(engine, records, args.n_images)
     report["image_stages_ms"] = stages
-    iou = merge(engine.config, {"search.rerank": "iou", "search.rerank_top": 10})
-    plain = merge(engine.config, {"search.rerank": "none"})
+    iou = merge(engine.config, {"search.rerank": "iou", "search.rerank_top": 10, "search.engine": "numpy"})
+    plain = merge(engine.config, {"search.rerank": "none", "search.engine": "numpy"})
+    plain_faiss = merge(plain, {"search.engine": "faiss"})
     query_vectors = np.stack([v for v, _ in prepared]).astype(np.float32)
     report["sizes"] = {}
     for size in (int(s) for s in args.sizes.split(",")):
         store = padded_store(base, size, args.work / f"pad-{size}")
         sized = Engine(store, engine.config, engine.models)
         entry = {"search_ms": search_stages(sized, prepared, plain, 3),
+                 "search_faiss_ms": search_stages(sized, prepared, plain_faiss, 3),
                  "search_iou_top10_ms": search_stages(sized, prepared, iou, 3),
                  "knn_qps": knn_throughput(np.asarray(store.vectors), query_vectors)}
         report["sizes"][size] = entry
@@ -180,7 +182,8 @@ def plot(report: dict, path: Path) -> None:
 
     sizes = sorted(int(s) for s in report["sizes"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label in (("search_ms", "Engine.search (no re-rank)"), ("search_iou_top10_ms", "Engine.search + IoU top-10")):
+    for key, label in (("search_ms", "Engine.search, numpy"), ("search_faiss_ms", "Engine.search, faiss"),
+                       ("search_iou_top10_ms", "Engine.search, numpy + IoU top-10")):
         total = [report["sizes"][s][key]["search"]["p50"] + report["sizes"][s][key]["rerank"]["p50"] for s in sizes]
         axes[0].plot(sizes, total, marker="o", label=label)
     image = sum(v["p50"] for v in report["image_stages_ms"].values())

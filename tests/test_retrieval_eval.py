@@ -236,6 +236,7 @@ def test_cached_localizer_returns_exactly_what_a_fresh_call_returns(tmp_path):
     assert entries() == 2  # the localization, and the saliency under it
     CachedLocalizer(localizer, cache, {"t": 2})(image)  # other settings: a new localization entry,
     assert entries() == 3  # but the saliency model's output is shared
+    assert not hasattr(localizer.saliency, "cache")  # wrapping never changes the caller's localizer
 
 
 def test_cached_extractor_embeds_each_image_once(setup, tmp_path):

@@ -10,6 +10,7 @@ uncached one would, and an interrupted run leaves no half-written file.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -167,7 +168,9 @@ class CachedLocalizer:
         self.name = getattr(localizer, "name", type(localizer).__name__)
         self.files = list(getattr(localizer, "files", []))
         if hasattr(localizer, "saliency") and hasattr(localizer.saliency, "predict") and read:
-            localizer.saliency = CachedSaliency(localizer.saliency, cache)
+            # a shallow copy: the caller's localizer (e.g. the one timed queries use) stays uncached
+            self.localizer = copy.copy(localizer)
+            self.localizer.saliency = CachedSaliency(localizer.saliency, cache)
         # the matting and thresholding code is part of the result; the ONNX saliency below is not
         # (it is keyed by its model file), so editing csearch.localize only re-runs the cheap part
         self._prefix = settings_digest({"name": self.name, "files": files_digest(self.files),
