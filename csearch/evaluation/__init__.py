@@ -1,0 +1,1 @@
+"""Retrieval evaluation internals: caches, per-setting features, ranking, ablation, shape re-rankers."""

@@ -17,14 +17,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from ..config import Config, merge
+from .cache import settings_digest
 from .features import (combine_views, default_cache_dir, feature_settings, gallery_index, localize_settings,
                        query_features, store_as_queries)
 from .ranking import category_accuracy, library_reranker, rank_queries
 from .shape import make_reranker
-from .cache import settings_digest
 
 log = logging.getLogger("csearch")
 
