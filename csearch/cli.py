@@ -76,7 +76,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                        "classify/search (see docs/config.md)")
     group.add_argument("--set", metavar="KEY=VALUE", action="append", help="override any config key, e.g. "
                        "--set localize.band=21 (repeatable)")
-    group.add_argument("--extractor", help=f"feature extractor (default mobilenet): one of "
+    group.add_argument("--extractor", help=f"feature extractor (default efficientnet_lite0): one of "
                        f"{', '.join(names('backbone') + names('onnx_extractor'))}, or an exported .onnx file")
     group.add_argument("--extractor-weights", metavar="PATH|imagenet", help="extractor weights file, or "
                        "'imagenet' (looked up in $CSEARCH_HOME, then Keras' cache, then downloaded)")
@@ -85,7 +85,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--localizer-model", metavar="PATH", help="U²-Net / U²-Net-p ONNX file "
                        "(default: u2netp.onnx in $CSEARCH_HOME)")
     group.add_argument("--matting", choices=["none", "pymatting", "fba"],
-                       help="alpha matting refinement of the saliency map (default pymatting)")
+                       help="alpha matting refinement of the saliency map (default none: pymatting "
+                       "showed no retrieval gain here; the paper used FBA)")
     group.add_argument("--matting-model", metavar="PATH", help="FBA matting ONNX file, for --matting fba")
     group.add_argument("--classifier", metavar="RUN_DIR", help="trained category classifier "
                        "(python -m csearch.train classifier); queries then search only the predicted category")

@@ -165,3 +165,29 @@ def test_rerank_methods_return_ious_and_ranked_scores(built, method):
     scores = [h.score for h in result.hits]
     assert scores == sorted(scores, reverse=True)
     assert result.hits[0].product == catalogue.records[0].product  # itself or a twin: IoU ~1
+
+
+@pytest.mark.parametrize("source", ["photo", "cutout"])
+def test_classifier_sees_the_photo_or_the_cutout(tmp_path, source):
+    from csearch.localize import make_localizer
+    from csearch.pipeline import prepare_image
+    from csearch.preprocess import model_input
+    from tests.conftest import draw_object
+
+    image, _ = draw_object((96, 128), noise=20.0, background=(40, 160, 40))
+    config = load_config(overrides={"localize.backend": "classical", "localize.matting": "none",
+                                    "classify.input": source})
+    prepared = prepare_image(image, config, make_localizer(config.localize), FixedClassifier("jar"))
+    whole = model_input(image, 32, "rgb")
+    assert prepared.classifier_input.shape == (32, 32, 3)
+    assert np.array_equal(prepared.classifier_input, whole) == (source == "photo")
+
+
+def test_unknown_classifier_input_is_a_config_error():
+    from csearch.localize import make_localizer
+    from csearch.pipeline import prepare_image
+
+    config = load_config(overrides={"localize.backend": "none", "classify.input": "crop"})
+    with pytest.raises(ConfigError, match="photo' or 'cutout"):
+        prepare_image(np.zeros((32, 32, 3), np.uint8), config, make_localizer(config.localize),
+                      FixedClassifier("jar"))

@@ -59,7 +59,17 @@ def feature_settings(config: Config) -> dict:
     localize = localize_settings(config)
     localize.update(crop=config.localize.crop, margin=config.localize.margin)
     return {"preprocess": {k: v for k, v in data["preprocess"].items() if k not in ("max_pixels", "min_side")},
-            "localize": localize, "embed": embed, "mask_size": config.search.mask_size}
+            "localize": localize, "embed": embed, "mask_size": config.search.mask_size, "code": feature_code_digest()}
+
+
+def feature_code_digest() -> str:
+    """Digest of the code that turns an image into its index entry (localization, preprocessing,
+    mask resizing, embedding). Cached indexes and query features are keyed by it, so editing that
+    code rebuilds them (cheaply: the per-image localization and vector caches have their own keys)."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(root.glob("localize/*.py")) + [root / n for n in ("preprocess.py", "pipeline.py", "store.py",
+                                                                      "embed.py")]
+    return settings_digest([file_digest(f) for f in files if f.is_file()])
 
 
 def catalogue_digest(records: Sequence[Record]) -> str:
