@@ -70,7 +70,6 @@ def image_stages(engine, records, n: int) -> tuple[dict, list]:
     """Per-stage latency of the gallery-independent stages; returns (stats, prepared queries)."""
     timings, prepared = [], []
     for record in records[:n]:
-        started = time.perf_counter()
         p = engine.prepare(record.path)
         embed_start = time.perf_counter()
         vector = engine.embed(p)

@@ -10,14 +10,15 @@ Cases (val photos are always the queries; nothing is tuned on anything else):
 Pipelines per case:
     plain     global KNN over MobileNet ImageNet features: no localization, RGB, unrestricted,
               no re-ranking (the issue's reference baseline)
-    photo     the best pipeline the current code runs: EfficientNet-Lite0 on the whole photo, and
-              with --classifier RUN_DIR the search restricted to the predicted category (top-1)
-    cutout    U²-Net-p cut-out (no matting, cropped to its box), EfficientNet-Lite0; the ablation
-              (--ablate) and figures (--figures) run around it, with the classifier loaded for the
-              restriction rows but the headline unrestricted (--restrict off)
+    photo     EfficientNet-Lite0 on the whole photo, and with --classifier RUN_DIR the search
+              restricted to the predicted category (top-1)
+    cutout    U²-Net-p cut-out only (no matting, cropped to its box), EfficientNet-Lite0, the
+              classifier (if given) on the whole photo
+    defaults  the command's defaults (csearch/config.py), no model flags: the cut-out and the
+              whole photo as two views, the classifier (if given) on the whole photo; the ablation
+              (--ablate) and figures (--figures) run around it
     paper     the paper's choices: U²-Net-p + matting, grayscale, MobileNet, IoU re-ranking of
               the top 10 (unrestricted)
-    defaults  the command's current defaults (csearch/config.py), no flags
 
     CSEARCH_HOME=../shared/models python benchmarks/bench_retrieval.py --classifier RUN_DIR --ablate --figures
     python benchmarks/bench_retrieval.py --cases train-val --pipelines plain      # one cell
@@ -55,11 +56,12 @@ PHOTO = ["--localizer", "none", "--matting", "none", "--color", "rgb", "--extrac
          "--rerank", "none"]
 CUTOUT = ["--localizer", "u2net", "--matting", "none", "--color", "rgb", "--extractor", "efficientnet_lite0",
           "--set", "localize.crop=true", "--rerank", "none"]
+CUTOUT += ["--set", "embed.views=cutout"]
 PAPER = ["--localizer", "u2net", "--matting", "pymatting", "--color", "gray", "--extractor", "mobilenet",
-         "--rerank", "iou", "--rerank-top", "10"]
-PIPELINES = {"plain": PLAIN, "photo": PHOTO, "cutout": CUTOUT, "paper": PAPER, "defaults": []}
-WITH_CLASSIFIER = {"photo": [], "cutout": ["--restrict", "off"]}  # pipelines given --classifier
-ABLATED = "cutout"  # the pipeline --ablate / --figures run around
+         "--rerank", "iou", "--rerank-top", "10", "--set", "embed.views=cutout", "--set", "classify.input=cutout"]
+PIPELINES = {"plain": PLAIN, "photo": PHOTO, "cutout": CUTOUT, "defaults": [], "paper": PAPER}
+WITH_CLASSIFIER = {"photo": [], "cutout": [], "defaults": []}  # pipelines given --classifier
+ABLATED = "defaults"  # the pipeline --ablate / --figures run around
 KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision", "mrr")
 
 
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "retrieval")
     parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("CSEARCH_EVAL_CACHE", "/work/cache/csearch-eval")))
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
-    parser.add_argument("--pipelines", default="plain,photo,cutout,paper", help=f"comma-separated: {', '.join(PIPELINES)}")
+    parser.add_argument("--pipelines", default=",".join(PIPELINES), help=f"comma-separated: {', '.join(PIPELINES)}")
     parser.add_argument("--classifier", metavar="RUN_DIR", help="category classifier for the photo and cutout pipelines")
     parser.add_argument("--ablate", action="store_true", help=f"ablation table for each case (around {ABLATED})")
     parser.add_argument("--figures", action="store_true", help=f"figures for each case ({ABLATED} pipeline)")

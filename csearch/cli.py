@@ -73,7 +73,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("models and preprocessing")
     group.add_argument("--config", metavar="FILE", help="YAML config with sections preprocess/localize/embed/"
-                       "classify/search (see docs/config.md)")
+                       "classify/search (every key: docs/config.md)")
     group.add_argument("--set", metavar="KEY=VALUE", action="append", help="override any config key, e.g. "
                        "--set localize.band=21 (repeatable)")
     group.add_argument("--extractor", help=f"feature extractor (default efficientnet_lite0): one of "

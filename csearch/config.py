@@ -53,6 +53,10 @@ class EmbedConfig:
     weights: Optional[str] = "imagenet"  # imagenet | none | a file path
     batch_size: int = 32
     normalize: bool = True  # L2-normalise vectors (Euclidean on unit vectors ~ cosine)
+    # cutout | cutout+photo: also embed the whole photo and search both views at once (measured
+    # best on average, and far better without a classifier: docs/results/retrieval.md)
+    views: str = "cutout+photo"
+    photo_weight: float = 0.5  # cutout+photo: share of the whole photo in the squared distance
 
 
 @dataclass(frozen=True)

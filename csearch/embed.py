@@ -56,3 +56,13 @@ def embed_batches(extractor: Extractor, images: Union[np.ndarray, Iterable[np.nd
             progress(done)
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, extractor.dim), np.float32)
     return l2_normalize(vectors) if normalize else vectors
+
+
+def combine_views(cutout: np.ndarray, photo: np.ndarray, photo_weight: float) -> np.ndarray:
+    """Two views of the same images as one vector [sqrt(1-w) a, sqrt(w) b]: the squared distance
+    between two such vectors is (1-w) d_a^2 + w d_b^2, so one exact KNN searches both views at
+    once, and unit-norm views give a unit-norm result."""
+    if cutout.shape != photo.shape:
+        raise ValueError(f"views must have the same shape, got {cutout.shape} and {photo.shape}")
+    a, b = np.sqrt(1.0 - photo_weight), np.sqrt(photo_weight)
+    return np.concatenate([a * cutout, b * photo], axis=1).astype(np.float32)

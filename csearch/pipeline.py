@@ -25,6 +25,9 @@ from .types import Hit, Localization, Prediction, QueryResult, Record
 log = logging.getLogger("csearch")
 
 CHUNK = 256  # images per committed index segment: an interruption loses at most this many
+VIEWS = ("cutout", "cutout+photo")
+# what an index written before a config key existed was built with (its meta lacks the key)
+LEGACY_DEFAULTS = {"embed": {"views": "cutout"}, "classify": {"input": "cutout"}}
 
 
 # ----------------------------------------------------------------------------- models
@@ -87,12 +90,42 @@ def verify_files(recorded: Sequence[dict]) -> None:
 class Prepared:
     """One image after localization: what the extractor, classifier and re-ranker consume."""
 
-    extractor_input: np.ndarray  # uint8 (S, S, 3)
+    extractor_input: np.ndarray  # uint8 (S, S, 3): the object cut-out
     classifier_input: Optional[np.ndarray]  # uint8, the classifier's own size/colour
     mask: np.ndarray  # bool (mask_size, mask_size), full frame
     box: np.ndarray  # float32 (4,) normalised x0, y0, x1, y1
     localization: Localization
     timings_ms: dict = field(default_factory=dict)
+    photo_input: Optional[np.ndarray] = None  # uint8 (S, S, 3): the whole photo (embed.views)
+
+
+def photo_view(config: Config) -> bool:
+    """Whether every image is also embedded whole, next to its cut-out (embed.views). Without
+    localization the cut-out is the photo, so there is one view."""
+    embed = config.embed
+    if embed.views not in VIEWS:
+        raise ConfigError(f"embed.views must be one of {', '.join(VIEWS)}, got {embed.views!r}")
+    if embed.views == "cutout+photo" and not 0.0 < embed.photo_weight < 1.0:
+        raise ConfigError(f"embed.photo_weight must be between 0 and 1 (exclusive), got {embed.photo_weight}")
+    return embed.views == "cutout+photo" and config.localize.backend != "none"
+
+
+def vector_dim(config: Config, extractor) -> int:
+    """Length of an index vector: the extractor's, once per view."""
+    return int(extractor.dim) * (2 if photo_view(config) else 1)
+
+
+def embed_prepared(extractor, prepared: Sequence[Prepared], config: Config) -> np.ndarray:
+    """Index/query vectors of prepared images: the cut-out, and with embed.views = cutout+photo
+    the whole photo too (embed.combine_views), float32 (N, vector_dim)."""
+    from .embed import combine_views, embed_batches
+
+    batch, normalize = config.embed.batch_size, config.embed.normalize
+    cutouts = embed_batches(extractor, np.stack([p.extractor_input for p in prepared]), batch, normalize)
+    if not photo_view(config):
+        return cutouts
+    photos = embed_batches(extractor, np.stack([p.photo_input for p in prepared]), batch, normalize)
+    return combine_views(cutouts, photos, config.embed.photo_weight)
 
 
 def prepare_image(image: np.ndarray, config: Config, localizer, classifier=None) -> Prepared:
@@ -106,6 +139,10 @@ def prepare_image(image: np.ndarray, config: Config, localizer, classifier=None)
     box = loc.box if config.localize.crop else None
     size, color = config.preprocess.image_size, config.preprocess.color
     extractor_input = model_input(loc.cutout, size, color, box, config.localize.margin)
+    photo_input = None
+    if photo_view(config):
+        # padded to a square like the cut-out, so both views keep the object's aspect ratio
+        photo_input = model_input(image, size, color, (0, 0, image.shape[1], image.shape[0]))
     classifier_input = None
     if classifier is not None:
         # the whole photo classifies far better than the cut-out (0.753 vs 0.547 top-1 on the
@@ -122,7 +159,7 @@ def prepare_image(image: np.ndarray, config: Config, localizer, classifier=None)
     norm_box = np.array([x0 / width, y0 / height, x1 / width, y1 / height], np.float32)
     mask = resize_mask(loc.mask, config.search.mask_size)
     timings = {"localize": (localized - started) * 1e3, "prepare": (time.perf_counter() - localized) * 1e3}
-    return Prepared(extractor_input, classifier_input, mask, norm_box, loc, timings)
+    return Prepared(extractor_input, classifier_input, mask, norm_box, loc, timings, photo_input)
 
 
 # ----------------------------------------------------------------------------- offline
@@ -189,7 +226,7 @@ def index_meta(config: Config, models: Models) -> dict:
         "csearch_version": __version__,
         "config": config.to_dict(),
         "models": describe_files(models.files()),
-        "extractor": {"name": config.embed.extractor, "dim": int(models.extractor.dim)},
+        "extractor": {"name": config.embed.extractor, "dim": vector_dim(config, models.extractor)},
         "classifier": None if models.classifier is None else str(Path(config.classify.classifier).resolve()),
         "localizer": getattr(models.localizer, "name", config.localize.backend),
         "complete": False,
@@ -202,27 +239,24 @@ def _open_or_create(out: Path, config: Config, models: Models, overwrite: bool):
     meta = index_meta(config, models)
     if out.exists() and not overwrite and any(out.iterdir()):
         store = IndexStore.open(out)
-        if store.meta.get("config") != meta["config"] or store.meta.get("models") != meta["models"]:
+        if index_config(store.meta).to_dict() != meta["config"] or store.meta.get("models") != meta["models"]:
             raise StoreError(f"{out} already holds an index built with other settings or models; "
                              f"use `csearch add` to extend it, --overwrite to replace it, or another --out")
         return store
-    return IndexStore.create(out, meta=meta, dim=int(models.extractor.dim),
+    return IndexStore.create(out, meta=meta, dim=vector_dim(config, models.extractor),
                              mask_size=config.search.mask_size, overwrite=overwrite)
 
 
 def add_records(store, records: Sequence[Record], config: Config, models: Models,
                 progress: Optional[Callable[[int], None]] = None, workers: int = 2) -> tuple[int, list]:
     """Extract and store `records` in committed chunks; returns (added, failures)."""
-    from .embed import embed_batches
-
     added, failures = 0, []
     prepared_stream = _prepare_records(records, config, models, workers)
     for chunk in _batches(prepared_stream, CHUNK):
         good = [(r, p) for r, p, error in chunk if p is not None]
         failures.extend((r.path, error) for r, p, error in chunk if p is None)
         if good:
-            vectors = embed_batches(models.extractor, np.stack([p.extractor_input for _, p in good]),
-                                    config.embed.batch_size, config.embed.normalize)
+            vectors = embed_prepared(models.extractor, [p for _, p in good], config)
             categories = [_label(r, p, models) for r, p in good]
             store.add(vectors=vectors, masks=np.stack([p.mask for _, p in good]),
                       boxes=np.stack([p.box for _, p in good]),
@@ -280,10 +314,14 @@ class Engine:
         recorded = store.meta.get("models", [])
         if verify:
             verify_files(recorded)
-        config = config_from_dict(store.meta["config"])
+        config = index_config(store.meta)
         if search_overrides:
             config = merge(config, {f"search.{k}": v for k, v in search_overrides.items() if v is not None})
-        return cls(store, config, load_models(config))
+        models = load_models(config)
+        if vector_dim(config, models.extractor) != store.dim:
+            raise ModelMismatch(f"{index_dir} holds {store.dim}-d vectors but its config gives "
+                                f"{vector_dim(config, models.extractor)}-d ones; rebuild the index")
+        return cls(store, config, models)
 
     @property
     def categories(self) -> list[str]:
@@ -298,9 +336,7 @@ class Engine:
         return prepared
 
     def embed(self, prepared: Prepared) -> np.ndarray:
-        from .embed import embed_batches
-
-        return embed_batches(self.models.extractor, prepared.extractor_input[None], 1, self.config.embed.normalize)[0]
+        return embed_prepared(self.models.extractor, [prepared], self.config)[0]
 
     def classify(self, prepared: Prepared) -> Optional[Prediction]:
         if self.models.classifier is None or prepared.classifier_input is None:
@@ -367,6 +403,15 @@ class Engine:
 
     def remove(self, ids: Iterable[int]) -> int:
         return self.store.remove(list(ids))
+
+
+def index_config(meta: dict) -> Config:
+    """The config an index was built with; keys it predates take the values it was built with."""
+    data = {section: dict(values) for section, values in meta["config"].items()}
+    for section, values in LEGACY_DEFAULTS.items():
+        for key, value in values.items():
+            data.setdefault(section, {}).setdefault(key, value)
+    return config_from_dict(data)
 
 
 def searched_categories(prediction: Optional[Prediction], category: Optional[str],

@@ -143,10 +143,9 @@ def run_queries(engine, queries, cache_dir: Path, read_cache: bool, progress=Non
     """Every query through the online path, one image at a time, timed per stage.
 
     Returns (QueryFeatures, per-query timings, per-query hits of the timed search)."""
-    from .embed import embed_batches
     from .evaluation.features import QueryFeatures, cached_models, flush_caches
     from .evaluation.ranking import self_rows
-    from .pipeline import prepare_image, searched_categories
+    from .pipeline import embed_prepared, prepare_image, searched_categories
     from .preprocess import load_image
 
     config, store = engine.config, engine.store
@@ -160,7 +159,7 @@ def run_queries(engine, queries, cache_dir: Path, read_cache: bool, progress=Non
         prepared = prepare_image(image, config, models.localizer, models.classifier)
         times = {"decode": (decoded - started) * 1e3, **prepared.timings_ms}
         started = time.perf_counter()
-        vector = embed_batches(models.extractor, prepared.extractor_input[None], 1, config.embed.normalize)[0]
+        vector = embed_prepared(models.extractor, [prepared], config)[0]
         times["embed"] = (time.perf_counter() - started) * 1e3
         prediction = None
         started = time.perf_counter()

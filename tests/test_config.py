@@ -42,3 +42,22 @@ def test_missing_or_invalid_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_docs_config_lists_every_key_with_its_default():
+    """docs/config.md is the users' reference: every key, with the default the code has."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    sections = {m.group(1): m.start() for m in re.finditer(r"^## (\w+)$", text, re.M)}
+    data = Config().to_dict()
+    assert set(sections) == set(data)
+    bounds = sorted(sections.values()) + [len(text)]
+    for name, start in sections.items():
+        body = text[start:bounds[bounds.index(start) + 1]]
+        rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", body, re.M))
+        assert set(rows) == set(data[name]), name
+        for key, value in data[name].items():
+            shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            assert rows[key].strip() == shown, f"{name}.{key}: docs say {rows[key].strip()}, code has {shown}"

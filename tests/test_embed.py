@@ -83,3 +83,18 @@ def test_real_keras_extractor_batched_equals_whole():
     vectors = embed_batches(extractor, batch, batch_size=2)
     assert vectors.shape == (5, 1280)
     np.testing.assert_allclose(vectors, l2_normalize(extractor(batch)), rtol=1e-4, atol=1e-6)
+
+
+def test_combined_views_add_squared_distances_with_their_weights():
+    from csearch.embed import combine_views
+
+    rng = np.random.default_rng(0)
+    a, b = l2_normalize(rng.normal(size=(5, 8))), l2_normalize(rng.normal(size=(5, 8)))
+    combined = combine_views(a, b, 0.25)
+    assert combined.shape == (5, 16) and combined.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(combined, axis=1), 1.0, rtol=1e-6)  # unit views stay unit
+    d2 = ((combined[0] - combined[3]) ** 2).sum()
+    expected = 0.75 * ((a[0] - a[3]) ** 2).sum() + 0.25 * ((b[0] - b[3]) ** 2).sum()
+    assert d2 == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="same shape"):
+        combine_views(a, b[:4], 0.5)

@@ -191,3 +191,84 @@ def test_unknown_classifier_input_is_a_config_error():
     with pytest.raises(ConfigError, match="photo' or 'cutout"):
         prepare_image(np.zeros((32, 32, 3), np.uint8), config, make_localizer(config.localize),
                       FixedClassifier("jar"))
+
+
+# --------------------------------------------------------------------------- views
+
+
+def test_two_views_index_the_cutout_and_the_whole_photo(built, tiny_extractor):
+    """Default embed.views = cutout+photo: each vector is [sqrt(1-w) cut-out, sqrt(w) photo]."""
+    from csearch.embed import embed_batches
+    from csearch.models import load_extractor
+    from csearch.preprocess import load_image, model_input
+
+    catalogue, _, index = built
+    engine = Engine.open(index)
+    assert engine.config.embed.views == "cutout+photo"
+    extractor = load_extractor(str(tiny_extractor), None, image_size=32)
+    assert engine.store.dim == 2 * extractor.dim
+    record = catalogue.records[0]
+    prepared = engine.prepare(record.path)
+    image = load_image(record.path)
+    photo = model_input(image, 32, "rgb", (0, 0, image.shape[1], image.shape[0]))
+    assert np.array_equal(prepared.photo_input, photo)
+    assert not np.array_equal(prepared.extractor_input, photo)  # the classical cut-out differs
+    w = engine.config.embed.photo_weight
+    expected = np.concatenate([np.sqrt(1 - w) * embed_batches(extractor, prepared.extractor_input[None])[0],
+                               np.sqrt(w) * embed_batches(extractor, photo[None])[0]])
+    np.testing.assert_allclose(engine.embed(prepared), expected, atol=1e-6)
+    stored = np.asarray(engine.store.vectors)[engine.store.paths.index(str(Path(record.path).resolve()))]
+    np.testing.assert_allclose(stored, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, views", [({"embed.views": "cutout"}, 1), ({"localize.backend": "none"}, 1),
+                                              ({}, 2)])
+def test_vector_length_follows_the_views(tmp_path, tiny_catalogue, tiny_config, overrides, views):
+    from csearch.config import merge
+
+    config = merge(tiny_config, overrides)
+    build_index(read_catalogue(tiny_catalogue), config, tmp_path / "idx")
+    engine = Engine.open(tmp_path / "idx")
+    assert engine.store.dim == 24 * views  # the tiny extractor gives 24-d features
+    record = read_catalogue(tiny_catalogue).records[5]
+    assert engine.query(record.path, k=1).hits[0].path == str(Path(record.path).resolve())
+
+
+@pytest.mark.parametrize("overrides, message", [({"embed.views": "both"}, "embed.views must be one of"),
+                                                ({"embed.photo_weight": 1.0}, "photo_weight must be between")])
+def test_bad_views_are_config_errors(tmp_path, tiny_catalogue, tiny_config, overrides, message):
+    from csearch.config import merge
+
+    with pytest.raises(ConfigError, match=message):
+        build_index(read_catalogue(tiny_catalogue), merge(tiny_config, overrides), tmp_path / "idx")
+
+
+def test_an_index_from_before_views_opens_as_one_view(tmp_path, tiny_catalogue, tiny_config):
+    """Indexes written before embed.views / classify.input existed keep the behaviour they were built with."""
+    import json
+
+    from csearch.config import merge
+
+    build_index(read_catalogue(tiny_catalogue), merge(tiny_config, {"embed.views": "cutout",
+                                                                    "classify.input": "cutout"}), tmp_path / "idx")
+    manifest = tmp_path / "idx" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    meta = data["meta"]
+    del meta["config"]["embed"]["views"], meta["config"]["embed"]["photo_weight"], meta["config"]["classify"]["input"]
+    manifest.write_text(json.dumps(data))
+    engine = Engine.open(tmp_path / "idx")
+    assert (engine.config.embed.views, engine.config.classify.input) == ("cutout", "cutout")
+    assert engine.store.dim == 24
+
+
+def test_vectors_of_another_length_than_the_config_are_refused(tmp_path, tiny_catalogue, tiny_config):
+    import json
+
+    build_index(read_catalogue(tiny_catalogue), tiny_config, tmp_path / "idx")
+    manifest = tmp_path / "idx" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    meta = data["meta"]
+    meta["config"]["embed"]["views"] = "cutout"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ModelMismatch, match="48-d vectors but its config gives 24-d"):
+        Engine.open(tmp_path / "idx")

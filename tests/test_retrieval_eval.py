@@ -151,26 +151,6 @@ def test_rankings_start_with_what_engine_search_returns(setup, method):
         assert [h.id for h in hits] == store.ids[result.rankings[position][:5]].tolist()
 
 
-def test_combine_views_adds_squared_distances(setup):
-    from csearch.evaluation.features import combine_views
-
-    store, queries = setup["store"], setup["queries"]
-    other = QueryFeatures(queries.records, queries.vectors[::-1].copy(), queries.masks, queries.boxes,
-                          queries.backends)
-    gallery_b = np.asarray(store.vectors)[::-1].copy()
-
-    class Reversed:  # the same images, other vectors
-        paths, vectors = store.paths, gallery_b
-
-    combined, q = combine_views((store, queries), (Reversed, other), weight=0.25)
-    d2 = ((combined.vectors[3] - q.vectors[0]) ** 2).sum()
-    expected = 0.75 * ((store.vectors[3] - queries.vectors[0]) ** 2).sum() + 0.25 * ((gallery_b[3] - other.vectors[0]) ** 2).sum()
-    assert d2 == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(ValueError, match="same images"):
-        combine_views((store, queries), (Reversed, QueryFeatures(queries.records[:2], other.vectors[:2],
-                                                                 queries.masks[:2], queries.boxes[:2], [])))
-
-
 def test_store_as_queries_round_trips_the_index(setup):
     loo = store_as_queries(setup["store"])
     assert len(loo) == len(setup["store"])
@@ -326,14 +306,15 @@ def test_ablation_rows_and_table(setup):
                 ablation.Variant("re-ranking", "iou", search=(("search.rerank", "iou"), ("search.rerank_top", 5))),
                 ablation.Variant("restriction", "oracle", restriction="oracle"),
                 ablation.Variant("re-ranking", "aspect_fused", shape=("aspect_fused", False)),
-                ablation.Variant("views", "cut-out + photo", photo_weight=0.5)]
+                ablation.Variant("views", "cut-out only", (("embed.views", "cutout"),))]
     rows = ablation.run_variants(base, setup["gallery"], setup["gallery"], setup["cache"], variants=variants)
     assert [r["group"] for r in rows] == ["pipeline", "localization", "re-ranking", "restriction", "re-ranking",
                                           "views"]
     assert rows[0]["feature_key"] != rows[1]["feature_key"]
     assert rows[2]["feature_key"] == rows[0]["feature_key"]  # search-only rows reuse the features
     assert rows[4]["tuning"]["tuned"] and "tuned on gallery LOO" in rows[4]["variant"]
-    assert rows[5]["feature_key"] == f"{rows[0]['feature_key']}+{rows[1]['feature_key']}@0.5"
+    assert rows[5]["feature_key"] not in (rows[0]["feature_key"], rows[1]["feature_key"])
+    assert rows[0]["n_gallery"] == rows[5]["n_gallery"] == len(setup["gallery"].records)
     table = ablation.markdown_table(rows)
     assert table.count("\n") == len(rows) + 1 and "+0.000" in table
 

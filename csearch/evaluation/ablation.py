@@ -4,7 +4,7 @@ Groups: localization (none / classical / u2net / u2net + matting, and the box cr
 restriction (off / predicted top-1 / top-n / oracle), re-ranking (the paper's IoU at several
 top-N, the library's cropped and fused variants, and the experimental shape re-rankers of
 shape.py with weights tuned on the gallery by leave-one-out), views (the object cut-out alone,
-or next to the whole photo: features.combine_views), colour, extractor, and the plain KNN
+or next to the whole photo: embed.views), colour, extractor, and the plain KNN
 baseline. Features are computed once per feature setting (features.py), so a search-only
 row costs a second or two.
 """
@@ -19,8 +19,8 @@ from typing import Optional
 
 from ..config import Config, merge
 from .cache import settings_digest
-from .features import (combine_views, default_cache_dir, feature_settings, gallery_index, localize_settings,
-                       query_features, store_as_queries)
+from .features import (default_cache_dir, gallery_index, localize_settings, query_features, query_settings,
+                       store_as_queries)
 from .ranking import category_accuracy, library_reranker, rank_queries
 from .shape import make_reranker
 
@@ -47,8 +47,6 @@ class Variant:
     search: tuple = ()  # ((dotted key, value), ...) of search/classify
     restriction: Optional[str] = None  # None: as the evaluated pipeline
     shape: Optional[tuple] = None  # (kind, crop): an experimental re-ranker, weight tuned
-    photo_weight: Optional[float] = None  # also embed the whole photo, with this weight (combine_views)
-    classify_photo: bool = False  # the classifier sees the whole photo instead of the cut-out
 
 
 def _predicted(top_n: int) -> tuple:
@@ -71,10 +69,10 @@ def plan(base: Config, has_classifier: bool) -> list[Variant]:
     ]
     rows.append(Variant("restriction", "off", restriction="off"))
     if has_classifier:
-        rows += [Variant("restriction", "predicted top-1", (), _predicted(1), "predicted"),
-                 Variant("restriction", "predicted top-3", (), _predicted(3), "predicted"),
-                 Variant("restriction", "predicted top-1, classifier sees the whole photo", (), _predicted(1),
-                         "predicted", classify_photo=True)]
+        for sees in ("photo", "cutout"):
+            what = "the whole photo" if sees == "photo" else "the cut-out (the paper)"
+            rows += [Variant("restriction", f"predicted top-{n}, classifier sees {what}", (),
+                             _predicted(n) + (("classify.input", sees),), "predicted") for n in (1, 3)]
     rows.append(Variant("restriction", "oracle (true category; not a real result)", restriction="oracle"))
     rows.append(Variant("re-ranking", "none", search=(("search.rerank", "none"),)))
     for top in (5, 10, 20):
@@ -88,11 +86,9 @@ def plan(base: Config, has_classifier: bool) -> list[Variant]:
                                                                         ("search.rerank_weight", 0.5)))]
     for kind in SHAPE_GRID:
         rows.append(Variant("re-ranking", kind, shape=(kind, False)))
-    rows += [Variant("views", "object cut-out only"),
-             Variant("views", "cut-out + whole photo, equal weight", photo_weight=0.5)]
-    if has_classifier:
-        rows.append(Variant("views", "cut-out + whole photo, predicted top-1 (classifier sees the photo)",
-                            search=_predicted(1), restriction="predicted", photo_weight=0.5))
+    rows += [Variant("views", "object cut-out only", (("embed.views", "cutout"),)),
+             Variant("views", "cut-out + whole photo, equal weight", (("embed.views", "cutout+photo"),
+                                                                      ("embed.photo_weight", 0.5)))]
     rows += [Variant("colour", c, (("preprocess.color", c),)) for c in ("rgb", "gray")]
     rows += [Variant("extractor", e, (("embed.extractor", e), ("embed.weights", "imagenet"))) for e in EXTRACTORS]
     return rows
@@ -146,7 +142,7 @@ def run_variants(base: Config, gallery, queries, cache_dir: Path, classifier=Non
     rows = []
 
     def features_for(config: Config) -> tuple[str, tuple]:
-        key = settings_digest(feature_settings(config))
+        key = settings_digest(query_settings(config, classifier))
         if key not in features:
             models = cached_models(pool.models(config), config, cache_dir)
             store = gallery_index(gallery, config, models, cache_dir, workers=workers)
@@ -157,14 +153,6 @@ def run_variants(base: Config, gallery, queries, cache_dir: Path, classifier=Non
         log.info("ablation: %s / %s", variant.group, variant.name)
         config = variant_config(base, variant)
         key, (store, qf) = features_for(config)
-        if variant.photo_weight or variant.classify_photo:
-            photo = merge(config, {"localize.backend": "none", "localize.matting": "none"})
-            photo_key, photo_features = features_for(photo)
-            if variant.photo_weight:
-                store, qf = combine_views((store, qf), photo_features, variant.photo_weight)
-                key = f"{key}+{photo_key}@{variant.photo_weight}"
-            else:
-                qf = replace(qf, probs=photo_features[1].probs, class_names=photo_features[1].class_names)
         restriction = variant.restriction or default_restriction(config, classifier is not None)
         reranker, tuning = None, None
         if variant.shape:

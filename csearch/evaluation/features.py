@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import Config
 from ..data import Catalogue
-from ..pipeline import Models, build_index, prepare_image
+from ..pipeline import Models, build_index, embed_prepared, prepare_image
 from ..preprocess import load_image
 from ..types import Prediction, Record
 from .cache import ArrayCache, CachedExtractor, CachedLocalizer, file_digest, files_digest, settings_digest
@@ -178,9 +178,7 @@ class QueryFeatures:
 def query_features(catalogue: Catalogue, config: Config, models: Models, cache_dir: Path,
                    progress: Optional[Callable[[int], None]] = None) -> QueryFeatures:
     """Localize, embed (and classify) every query once per setting; cached on disk."""
-    settings = feature_settings(config)
-    if models.classifier is not None:
-        settings["classifier"] = files_digest(getattr(models.classifier, "files", []))
+    settings = query_settings(config, models.classifier)
     path = cache_dir / "queries" / f"{settings_digest(settings)}-{catalogue_digest(catalogue.records)}.npz"
     if path.is_file():
         if progress:
@@ -191,12 +189,19 @@ def query_features(catalogue: Catalogue, config: Config, models: Models, cache_d
     return features
 
 
+def query_settings(config: Config, classifier=None) -> dict:
+    """feature_settings plus what changes a query's classifier probabilities."""
+    settings = feature_settings(config)
+    if classifier is not None:
+        settings["classifier"] = files_digest(getattr(classifier, "files", []))
+        settings["classify_input"] = config.classify.input
+    return settings
+
+
 def compute_query_features(records: Sequence[Record], config: Config, models: Models,
                            progress: Optional[Callable[[int], None]] = None) -> QueryFeatures:
     """The same steps as Engine.prepare/embed/classify, batched. Unreadable images are an
     error: a query set silently shrinking would change every metric."""
-    from ..embed import embed_batches
-
     parts = []
     for start in range(0, len(records), QUERY_CHUNK):
         chunk = records[start:start + QUERY_CHUNK]
@@ -206,8 +211,7 @@ def compute_query_features(records: Sequence[Record], config: Config, models: Mo
             prepared.append(prepare_image(image, config, models.localizer, models.classifier))
             if progress:
                 progress(1)
-        vectors = embed_batches(models.extractor, np.stack([p.extractor_input for p in prepared]),
-                                config.embed.batch_size, config.embed.normalize)
+        vectors = embed_prepared(models.extractor, prepared, config)
         probs = None
         if models.classifier is not None:
             probs = np.asarray(models.classifier.predict(np.stack([p.classifier_input for p in prepared])),
@@ -230,49 +234,3 @@ def store_as_queries(store) -> QueryFeatures:
     masks = unpack_masks(np.asarray(store.mask_bits), store.mask_size)
     return QueryFeatures(records, np.asarray(store.vectors, np.float32), masks,
                          np.asarray(store.boxes, np.float32), ["(index)"] * len(records))
-
-
-# ----------------------------------------------------------------------------- two views
-
-
-class ArrayStore:
-    """An in-memory gallery with the reading side of IndexStore that the evaluation uses: for
-    feature combinations no pipeline stores yet (e.g. photo + cut-out)."""
-
-    def __init__(self, vectors, mask_bits, boxes, mask_size, paths, categories, products):
-        self.vectors = np.ascontiguousarray(vectors, np.float32)
-        self.sq_norms = np.einsum("ij,ij->i", self.vectors, self.vectors)
-        self.mask_bits, self.boxes, self.mask_size = mask_bits, boxes, mask_size
-        self.paths, self.categories, self.products = list(paths), list(categories), list(products)
-        self.ids = np.arange(len(self.vectors), dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.vectors)
-
-    def rows_for_categories(self, categories) -> np.ndarray:
-        return np.flatnonzero(np.isin(np.array(self.categories, dtype=object), list(categories)))
-
-    def masks(self, rows) -> np.ndarray:
-        from ..store import unpack_masks
-
-        return unpack_masks(np.asarray(self.mask_bits)[np.asarray(rows, np.int64).reshape(-1)], self.mask_size)
-
-
-def combine_views(primary: tuple, secondary: tuple, weight: float = 0.5) -> tuple:
-    """Concatenate two settings' unit vectors as [sqrt(1-w) a, sqrt(w) b], so the squared distance
-    is (1-w) d_a^2 + w d_b^2: an ensemble of two views of every image (e.g. the cut-out and the
-    whole photo). Masks and boxes come from `primary`, classifier probabilities from `secondary`
-    when it has them. Each argument is (store, QueryFeatures)."""
-    (store_a, q_a), (store_b, q_b) = primary, secondary
-    if list(store_a.paths) != list(store_b.paths) or [r.path for r in q_a.records] != [r.path for r in q_b.records]:
-        raise ValueError("the two views must hold the same images in the same order")
-    a, b = np.sqrt(1.0 - weight), np.sqrt(weight)
-    vectors = np.concatenate([a * np.asarray(store_a.vectors), b * np.asarray(store_b.vectors)], axis=1)
-    store = ArrayStore(vectors, np.asarray(store_a.mask_bits), np.asarray(store_a.boxes), store_a.mask_size,
-                       store_a.paths, store_a.categories, store_a.products)
-    # the classifier sees the whole photo (secondary) when it has probabilities: that is what a
-    # category classifier is trained on, and a failed cut-out then cannot mislead it too
-    probs, names = (q_b.probs, q_b.class_names) if q_b.probs is not None else (q_a.probs, q_a.class_names)
-    queries = replace(q_a, vectors=np.concatenate([a * q_a.vectors, b * q_b.vectors], axis=1).astype(np.float32),
-                      probs=probs, class_names=names)
-    return store, queries
