@@ -45,7 +45,7 @@ def padded_store(base, size: int, folder: Path, seed: int = 0):
 
     if (folder / "manifest.json").is_file():
         store = IndexStore.open(folder)
-        if len(store) == size:
+        if len(store) == size and store.dim == base.dim and store.meta == base.meta:  # padded from this base
             return store
     store = IndexStore.create(folder, meta=dict(base.meta), dim=base.dim, mask_size=base.mask_size, overwrite=True)
     rng = np.random.default_rng(seed)

@@ -256,7 +256,8 @@ def _download(spec: ModelSpec) -> Path:
     if not spec.is_keras or not spec.keras_file:
         raise errors.WeightsNotFound(
             f"{spec.name}: model file not found. Put {spec.weights_file} in {home} (or pass a "
-            f"file path); get it from {spec.source}")
+            f"file path, or set CSEARCH_HOME to its folder); "
+            f"{'download it from' if spec.source.startswith('http') else 'to make it:'} {spec.source}")
     import keras
 
     try:

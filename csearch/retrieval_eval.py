@@ -124,6 +124,9 @@ def open_gallery(args, config, cache_dir: Path):
         raise CatalogueError("pass --gallery SPEC (or --index INDEX_DIR)")
     config = resolve_config(config)
     models = load_models(config)
+    if models.classifier is None:
+        log.info("no --classifier: the search is unrestricted. The best measured pipeline restricts it to "
+                 "the category a classifier predicts (python -m csearch.train classifier; docs/results/retrieval.md)")
     gallery = read_subset(args.gallery, args.subset)
     log.info("gallery: %s", gallery.summary())
     with _bar(len(gallery.records), "gallery") as bar:
