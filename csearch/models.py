@@ -168,8 +168,10 @@ register(ModelSpec(
     sha256="c8c9c433812a4addd58cba204c06c1662240aac7ca321841a0756519f0ba9431",
     onnx_inputs=("input",), onnx_outputs=("features",),
     description="EfficientNet-Lite0 (ONNX), 1280-d pooled",
-    source="export an ImageNet EfficientNet-Lite0 to ONNX with input 'input' float32 "
-           "[1,3,224,224] ((x-127)/128, RGB) and output 'features' [1,1280]"))
+    source="export an ImageNet EfficientNet-Lite0 (e.g. timm's tf_efficientnet_lite0) to ONNX with input "
+           "'input' float32 [1,3,224,224] ((x-127)/128, RGB) and output 'features' [1,1280] (the pooled "
+           "features); or use --extractor mobilenetv2, whose weights Keras downloads itself (slightly "
+           "lower Recall@1, docs/results/retrieval.md)"))
 register(ModelSpec(
     name="u2netp", role="saliency", input_size=320, dim=None, preprocessing="imagenet",
     layout="nchw", weights_file="u2netp.onnx",
