@@ -68,20 +68,26 @@ def pick_queries(evaluation, features, count: int) -> list[int]:
     return sorted(picked)
 
 
-def figure9_grid(store, features, evaluation, out: Path, queries: int = 6, top: int = 5) -> Path:
-    """Each query (blue frame) then its top results, green when the same product, else red."""
+def _query_rows(evaluation, features, queries: int, top: int, row_height: float):
+    """A figure of `queries` rows x (1 + top) panels; returns (fig, [(row's axes, query index,
+    position in evaluation.kept)])."""
     plt = _pyplot()
     positions = pick_queries(evaluation, features, queries)
-    fig, axes = plt.subplots(len(positions), top + 1, figsize=(1.9 * (top + 1), 2.1 * len(positions)),
+    fig, axes = plt.subplots(len(positions), top + 1, figsize=(1.9 * (top + 1), row_height * len(positions)),
                              squeeze=False)
-    for row, position in enumerate(positions):
-        q = evaluation.kept[position]
+    return fig, [(axes[row], evaluation.kept[position], position) for row, position in enumerate(positions)]
+
+
+def figure9_grid(store, features, evaluation, out: Path, queries: int = 6, top: int = 5) -> Path:
+    """Each query (blue frame) then its top results, green when the same product, else red."""
+    fig, rows = _query_rows(evaluation, features, queries, top, row_height=2.1)
+    for axes, q, position in rows:
         record = features.records[q]
-        axes[row, 0].imshow(thumbnail(record.path))
-        axes[row, 0].set_title(f"query\n{_short(record.product)}", fontsize=7)
-        _frame(axes[row, 0], BLUE)
+        axes[0].imshow(thumbnail(record.path))
+        axes[0].set_title(f"query\n{_short(record.product)}", fontsize=7)
+        _frame(axes[0], BLUE)
         for col, gallery_row in enumerate(evaluation.rankings[position][:top], 1):
-            ax = axes[row, col]
+            ax = axes[col]
             ax.imshow(thumbnail(store.paths[gallery_row]))
             correct = store.products[gallery_row] == record.product
             ax.set_title(f"#{col} {_short(store.products[gallery_row])}", fontsize=7)
@@ -117,24 +123,20 @@ def figure4_masks(store, features, evaluation, out: Path, queries: int = 3, top:
     from .search import mask_iou, mask_iou_cropped
     from .store import pack_masks
 
-    plt = _pyplot()
-    positions = pick_queries(evaluation, features, queries)
-    fig, axes = plt.subplots(len(positions), top + 1, figsize=(1.9 * (top + 1), 2.2 * len(positions)),
-                             squeeze=False)
-    for row, position in enumerate(positions):
-        q = evaluation.kept[position]
+    fig, rows = _query_rows(evaluation, features, queries, top, row_height=2.2)
+    for axes, q, position in rows:
         record = features.records[q]
         q_mask = features.masks[q]
         q_bits = pack_masks(q_mask[None])[0]
-        axes[row, 0].imshow(_overlay(_frame_image(record.path), q_mask))
-        axes[row, 0].set_title(f"query mask\n{_short(record.product)}", fontsize=7)
-        _frame(axes[row, 0], BLUE)
-        rows = np.asarray(evaluation.rankings[position][:top])
-        bits = np.asarray(store.mask_bits)[rows]
+        axes[0].imshow(_overlay(_frame_image(record.path), q_mask))
+        axes[0].set_title(f"query mask\n{_short(record.product)}", fontsize=7)
+        _frame(axes[0], BLUE)
+        shown = np.asarray(evaluation.rankings[position][:top])
+        bits = np.asarray(store.mask_bits)[shown]
         ious = mask_iou(q_bits, bits)
-        crop_ious = mask_iou_cropped(q_bits, features.boxes[q], bits, np.asarray(store.boxes)[rows], store.mask_size)
-        for col, (gallery_row, iou, crop_iou) in enumerate(zip(rows, ious, crop_ious), 1):
-            ax = axes[row, col]
+        crop_ious = mask_iou_cropped(q_bits, features.boxes[q], bits, np.asarray(store.boxes)[shown], store.mask_size)
+        for col, (gallery_row, iou, crop_iou) in enumerate(zip(shown, ious, crop_ious), 1):
+            ax = axes[col]
             ax.imshow(_overlay(_frame_image(store.paths[gallery_row]), store.masks([gallery_row])[0], q_mask))
             ax.set_title(f"#{col} IoU {iou:.2f} / crop {crop_iou:.2f}", fontsize=7)
             _frame(ax, GREEN if store.products[gallery_row] == record.product else RED)
