@@ -318,11 +318,14 @@ def trainable_part(model, top, input_shape):
 def extract(bottom, augment, images: np.ndarray, augmented: bool, batch_size: int) -> np.ndarray:
     """Run the frozen bottom over images (optionally through the augmentation layers in
     training mode), as float16 to halve the cache."""
+    import keras
+
     out = []
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].astype(np.float32)
         if augmented:
-            x = np.asarray(augment(x, training=True), np.float32)
+            # convert_to_numpy, not np.asarray: a torch tensor on a GPU has no __array__ view
+            x = keras.ops.convert_to_numpy(augment(x, training=True)).astype(np.float32)
         out.append(np.asarray(bottom.predict_on_batch(x), np.float16))
     return np.concatenate(out)
 

@@ -64,11 +64,30 @@ def extractor_dim() -> list:
     return [int(d) for d in features.shape] + [bool(np.isfinite(features).all())]
 
 
+def compute_device(backend: str) -> str:
+    """Where the backend runs its arrays (cpu, gpu/cuda)."""
+    if backend == "jax":
+        import jax
+
+        return jax.devices()[0].platform
+    if backend == "torch":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
 def main() -> int:
     import keras
 
     catalogue, work = sys.argv[1], Path(sys.argv[2])
-    report = {"backend": keras.backend.backend(), "inference_mode": inference_mode_survives_fit(),
+    if not Path(catalogue).is_dir():  # a device machine: make the same synthetic catalogue here
+        sys.path.insert(0, str(Path(__file__).parent))
+        from conftest import write_catalogue
+
+        write_catalogue(Path(catalogue), size=(40, 40))
+    report = {"backend": keras.backend.backend(), "device": compute_device(keras.backend.backend()),
+              "inference_mode": inference_mode_survives_fit(),
               "train": train_runs(catalogue, work), "extractor": extractor_dim()}
     print("PROBE " + json.dumps(report))
     return 0
