@@ -219,6 +219,32 @@ def test_cached_localizer_returns_exactly_what_a_fresh_call_returns(tmp_path):
     assert not hasattr(localizer.saliency, "cache")  # wrapping never changes the caller's localizer
 
 
+def test_saliency_cache_is_keyed_by_the_models_source_too(tmp_path, monkeypatch):
+    """A file-backed saliency model's post-processing lives in Python (U²-Net's min-max stretch and
+    minimum object area): editing that source must miss the cache, not reuse old maps."""
+    import importlib
+    import sys
+
+    from csearch.evaluation.cache import CachedSaliency
+
+    weights = tmp_path / "model.onnx"
+    weights.write_bytes(b"weights")
+    module = tmp_path / "fake_saliency.py"
+    source = ("import numpy as np\nclass Saliency:\n    name = 'fake'\n    input_size = 8\n"
+              "    def __init__(self, files):\n        self.files = files\n"
+              "    def predict(self, image):\n        return np.full(image.shape[:2], {value}, np.float32)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    image = np.zeros((8, 8, 3), np.uint8)
+    cache = ArrayCache(tmp_path / "cache")
+    results = []
+    for value in (0.25, 0.75):
+        module.write_text(source.format(value=value))
+        sys.modules.pop("fake_saliency", None)
+        model = importlib.import_module("fake_saliency").Saliency([weights])
+        results.append(float(CachedSaliency(model, cache).predict(image).max()))
+    assert results == [0.25, 0.75]
+
+
 def test_cached_extractor_embeds_each_image_once(setup, tmp_path):
     from csearch.evaluation.cache import CachedExtractor
     from csearch.models import load_extractor

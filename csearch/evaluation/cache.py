@@ -132,11 +132,12 @@ class CachedSaliency:
         self.cache = cache
         self.name = model.name
         self.files = list(getattr(model, "files", []))
-        # a model without files is pure code (e.g. classical): its source is what defines it
+        # the source file counts too, also for an ONNX model: its pre- and post-processing (e.g.
+        # U²-Net's min-max stretch and minimum object area) change the map. Keying by the model
+        # file alone once kept maps from before the minimum-area rule (docs/results/retrieval.md).
         self.settings = {"saliency": model.name, "files": files_digest(self.files),
                          "input_size": getattr(model, "input_size", None)}
-        extra = {"work_side": getattr(model, "work_side", None),
-                 "source": None if self.files else source_digest(type(model))}
+        extra = {"work_side": getattr(model, "work_side", None), "source": source_digest(type(model))}
         self.settings.update({k: v for k, v in extra.items() if v is not None})
         self._prefix = settings_digest(self.settings)
 
