@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--figures", action="store_true", help=f"figures for each case ({ABLATED} pipeline)")
     parser.add_argument("--resume", action="store_true", help="skip cells whose identical command already ran")
     parser.add_argument("--live", default="train-val", help="the case whose queries run uncached (honest latency)")
+    parser.add_argument("--publish", type=Path, metavar="DIR", help="copy the results into DIR the way "
+                        "docs/results/retrieval/ holds them (then run benchmarks/retrieval_tables.py)")
     args = parser.parse_args(argv)
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
     # OpenBLAS threads spin on the tiny per-query matrix products (mask resize, one-query KNN):
@@ -154,7 +156,29 @@ def main(argv=None) -> int:
     (args.out / "summary.md").write_text(summary_table(rows) + "\n\nCommands:\n\n" +
                                          "\n".join(f"    {r['command']}" for r in rows) + "\n")
     print(summary_table(rows))
+    if args.publish:
+        publish(args.out, args.publish, [r["case"] for r in rows], [r["pipeline"] for r in rows])
     return 0
+
+
+def publish(out: Path, dest: Path, cases: list[str], pipelines: list[str]) -> None:
+    """OUT/<case>/<pipeline>/retrieval.json -> DEST/<case>/<pipeline>.retrieval.json, the ablation
+    and figures of the ablated pipeline, and the summary, with this machine's paths shortened."""
+    import shutil
+
+    for case, pipeline in zip(cases, pipelines):
+        (dest / case).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / case / pipeline / "retrieval.json", dest / case / f"{pipeline}.retrieval.json")
+        if pipeline == ABLATED:
+            for name in ("ablation.json", "ablation.md"):
+                if (out / case / pipeline / name).is_file():
+                    shutil.copyfile(out / case / pipeline / name, dest / case / name)
+            for figure in sorted((out / case / pipeline / "figures").glob("*.png")):
+                if case in ("train-val", "catalogue") and (case == "train-val" or figure.name.startswith("figure9")):
+                    shutil.copyfile(figure, dest / case / figure.name)
+    for name in ("summary.json", "summary.md"):
+        text = (out / name).read_text().replace(sys.executable, "python").replace(str(REPO.parent) + "/", "../")
+        (dest / name).write_text(text)
 
 
 if __name__ == "__main__":
