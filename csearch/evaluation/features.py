@@ -64,11 +64,12 @@ def feature_settings(config: Config) -> dict:
 
 def feature_code_digest() -> str:
     """Digest of the code that turns an image into its index entry (localization, preprocessing,
-    mask resizing, embedding). Cached indexes and query features are keyed by it, so editing that
-    code rebuilds them (cheaply: the per-image localization and vector caches have their own keys)."""
+    mask resizing, embedding, and the per-image caches under them). Cached indexes and query
+    features are keyed by it, so editing that code rebuilds them (cheaply: the per-image
+    localization and vector caches have their own keys)."""
     root = Path(__file__).resolve().parents[1]
     files = sorted(root.glob("localize/*.py")) + [root / n for n in ("preprocess.py", "pipeline.py", "store.py",
-                                                                      "embed.py")]
+                                                                      "embed.py", "evaluation/cache.py")]
     return settings_digest([file_digest(f) for f in files if f.is_file()])
 
 
