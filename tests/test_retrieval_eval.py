@@ -245,6 +245,16 @@ def test_saliency_cache_is_keyed_by_the_models_source_too(tmp_path, monkeypatch)
     assert results == [0.25, 0.75]
 
 
+def test_localization_cache_is_keyed_by_every_localize_source(monkeypatch):
+    """u2net.py post-processes the network's map: editing it must miss the localization cache."""
+    from csearch.evaluation import cache
+
+    before = cache.localize_source_digest()
+    real = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda p: "edited" if Path(p).name == "u2net.py" else real(p))
+    assert cache.localize_source_digest() != before
+
+
 def test_cached_extractor_embeds_each_image_once(setup, tmp_path):
     from csearch.evaluation.cache import CachedExtractor
     from csearch.models import load_extractor

@@ -66,9 +66,10 @@ def source_digest(cls) -> str:
 
 
 def localize_source_digest() -> str:
-    """Digest of csearch.localize's pure-Python code (all but the ONNX wrapper u2net.py)."""
+    """Digest of csearch.localize's code, the ONNX wrapper u2net.py included: its pre- and
+    post-processing (min-max stretch, minimum object area) are part of every localization."""
     folder = Path(__file__).resolve().parents[1] / "localize"
-    return settings_digest([file_digest(p) for p in sorted(folder.glob("*.py")) if p.name != "u2net.py"])
+    return settings_digest([file_digest(p) for p in sorted(folder.glob("*.py"))])
 
 
 class ArrayCache:
@@ -172,8 +173,8 @@ class CachedLocalizer:
             # a shallow copy: the caller's localizer (e.g. the one timed queries use) stays uncached
             self.localizer = copy.copy(localizer)
             self.localizer.saliency = CachedSaliency(localizer.saliency, cache)
-        # the matting and thresholding code is part of the result; the ONNX saliency below is not
-        # (it is keyed by its model file), so editing csearch.localize only re-runs the cheap part
+        # all of csearch.localize's code is part of the result (the saliency cache below is keyed
+        # by its own model file and source)
         self._prefix = settings_digest({"name": self.name, "files": files_digest(self.files),
                                         "settings": settings, "source": localize_source_digest()})
 
