@@ -62,6 +62,7 @@ PAPER = ["--localizer", "u2net", "--matting", "pymatting", "--color", "gray", "-
 PIPELINES = {"plain": PLAIN, "photo": PHOTO, "cutout": CUTOUT, "defaults": [], "paper": PAPER}
 WITH_CLASSIFIER = {"photo": [], "cutout": [], "defaults": []}  # pipelines given --classifier
 ABLATED = "defaults"  # the pipeline --ablate / --figures run around
+PUBLISHED_FIGURES = {"train-val": "*.png", "catalogue": "figure9_*.png"}  # glob per case
 KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision", "mrr")
 
 
@@ -173,9 +174,8 @@ def publish(out: Path, dest: Path, cases: list[str], pipelines: list[str]) -> No
             for name in ("ablation.json", "ablation.md"):
                 if (out / case / pipeline / name).is_file():
                     shutil.copyfile(out / case / pipeline / name, dest / case / name)
-            for figure in sorted((out / case / pipeline / "figures").glob("*.png")):
-                if case in ("train-val", "catalogue") and (case == "train-val" or figure.name.startswith("figure9")):
-                    shutil.copyfile(figure, dest / case / figure.name)
+            for figure in sorted((out / case / pipeline / "figures").glob(PUBLISHED_FIGURES.get(case, "-"))):
+                shutil.copyfile(figure, dest / case / figure.name)
     for name in ("summary.json", "summary.md"):
         text = (out / name).read_text().replace(sys.executable, "python").replace(str(REPO.parent) + "/", "../")
         (dest / name).write_text(text)

@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 
 
-def inference_mode_survives_fit() -> bool:
+def inference_mode_check(wrapped: bool = True) -> tuple[bool, bool]:
+    """(same output with training=True and False, batch-norm statistics unmoved by fit()) for a
+    batch-norm + dropout sub-model, wrapped in InferenceMode or not (the control). Keras fit()
+    passes training=True down a Functional model; InferenceMode must stop it."""
     import keras
 
     from csearch import classify
@@ -27,7 +30,8 @@ def inference_mode_survives_fit() -> bool:
     inner_in = keras.Input((4,))
     inner = keras.Model(inner_in, keras.layers.Dropout(0.5)(keras.layers.BatchNormalization()(inner_in)))
     x_in = keras.Input((4,))
-    out = keras.layers.Dense(2, activation="softmax")(classify._inference_mode_class()(inner)(x_in))
+    sub = classify._inference_mode_class()(inner) if wrapped else inner
+    out = keras.layers.Dense(2, activation="softmax")(sub(x_in, training=False))
     model = keras.Model(x_in, out)
     x = np.random.default_rng(0).normal(5, 3, (16, 4)).astype(np.float32)
     same = np.allclose(keras.ops.convert_to_numpy(model(x, training=True)),
@@ -35,7 +39,7 @@ def inference_mode_survives_fit() -> bool:
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     model.fit(x, np.arange(16) % 2, epochs=1, batch_size=16, verbose=0)
     unmoved = np.allclose(keras.ops.convert_to_numpy(inner.layers[1].moving_mean), 0.0)
-    return bool(same and unmoved)
+    return bool(same), bool(unmoved)
 
 
 def train_runs(catalogue: str, work: Path) -> dict:
@@ -87,7 +91,7 @@ def main() -> int:
 
         write_catalogue(Path(catalogue), size=(40, 40))
     report = {"backend": keras.backend.backend(), "device": compute_device(keras.backend.backend()),
-              "inference_mode": inference_mode_survives_fit(),
+              "inference_mode": all(inference_mode_check(True)) and not any(inference_mode_check(False)),
               "train": train_runs(catalogue, work), "extractor": extractor_dim()}
     print("PROBE " + json.dumps(report))
     return 0
