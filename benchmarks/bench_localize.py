@@ -140,14 +140,14 @@ def composite(product: np.ndarray, background: np.ndarray, rng) -> tuple[np.ndar
     parts; solidity < 0.9), which would make an unnatural object."""
     import cv2
 
-    from csearch.localize.base import mask_box
+    from csearch.masks import pixel_box
 
     mask = ClassicalSaliency().predict(product) > 0.5
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     hull_area = sum(cv2.contourArea(cv2.convexHull(c)) for c in contours)
     if not mask.any() or mask.sum() < 0.9 * hull_area:
         return None
-    x0, y0, x1, y1 = mask_box(mask)
+    x0, y0, x1, y1 = pixel_box(mask)
     height, width = background.shape[:2]
     scale = rng.uniform(0.55, 0.75) * height / max(y1 - y0, x1 - x0)
     size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))

@@ -12,7 +12,7 @@ boxes copied from real rows), so the search cost is real and the vectors are of 
   measured once, on `--n-images` real queries through the engine, one image at a time.
 - search and rerank (Engine.search with engine numpy, engine faiss, and numpy with IoU
   re-ranking of the top 10) are measured at every size on the same query vectors.
-- exact KNN throughput: csearch.search.knn (numpy and faiss engines) and a bare
+- exact KNN throughput: csearch.knn.knn (numpy and faiss engines) and a bare
   faiss.IndexFlatL2, one query at a time and as a batch, in the same process.
 - evaluation overhead: rank_queries (full-depth ranking + metrics) per query, against the
   search alone.
@@ -95,7 +95,7 @@ def knn_throughput(vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> dic
     queries and one batch."""
     import faiss
 
-    from csearch.search import knn, squared_norms
+    from csearch.knn import knn, squared_norms
 
     norms = squared_norms(vectors)
     index = faiss.IndexFlatL2(vectors.shape[1])

@@ -1,4 +1,4 @@
-"""Exact search latency: csearch.search.knn, numpy engine vs FAISS, measured in the same run.
+"""Exact search latency: csearch.knn.knn, numpy engine vs FAISS, measured in the same run.
 
     python benchmarks/bench_search.py                       # 1k, 10k, 100k, 1M x 2048-d
     python benchmarks/bench_search.py --sizes 1000,10000 --dim 512 --repeats 5
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from csearch.search import knn, squared_norms  # noqa: E402
+from csearch.knn import knn, squared_norms  # noqa: E402
 
 
 def available_bytes() -> int:

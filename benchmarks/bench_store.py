@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from csearch.search import knn  # noqa: E402
-from csearch.store import IndexStore, mask_box  # noqa: E402
+from csearch.knn import knn  # noqa: E402
+from csearch.masks import normalized_box  # noqa: E402
+from csearch.store import IndexStore  # noqa: E402
 
 
 def batch_items(start: int, n: int, dim: int, size: int, rng: np.random.Generator):
@@ -30,7 +31,7 @@ def batch_items(start: int, n: int, dim: int, size: int, rng: np.random.Generato
     corners = rng.integers(0, size // 2, (n, 2))
     for i, (x0, y0) in enumerate(corners):
         masks[i, y0:y0 + size // 2, x0:x0 + size // 3] = True
-    boxes = np.stack([mask_box(m) for m in masks])
+    boxes = np.stack([normalized_box(m) for m in masks])
     paths = [f"/data/catalogues/grocery-store/train/Packages/Juice/Bravo-Apple-Juice/IMG_{start + i:07d}.jpg"
              for i in range(n)]
     categories = [f"category-{(start + i) % 43:02d}" for i in range(n)]

@@ -68,7 +68,7 @@ def write_demo_catalogue(root: Path) -> tuple[Path, list[tuple[Path, str]]]:
 
 
 def run_demo(out: Path, config: Config, stdout) -> None:
-    from .cli import print_result, progress_bar
+    from .console import print_result, progress_bar
     from .pipeline import Engine, build_index
 
     catalogue_dir, queries = write_demo_catalogue(out)

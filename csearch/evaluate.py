@@ -336,7 +336,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["retrieval"]:  # before argparse, so `retrieval --help` reaches its owner
         return _retrieval(argv[1:])
-    from .cli import quiet_frameworks, run_command
+    from .console import quiet_frameworks, run_command
 
     quiet_frameworks()
     args = build_parser().parse_args(argv)

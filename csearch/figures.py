@@ -120,8 +120,7 @@ def _frame_image(path: str, size: int = THUMB) -> np.ndarray:
 
 def figure4_masks(store, features, evaluation, out: Path, queries: int = 3, top: int = 5) -> Path:
     """Query mask (orange) and each result's mask (orange) with the query's outline (blue)."""
-    from .search import mask_iou, mask_iou_cropped
-    from .store import pack_masks
+    from .masks import mask_iou, mask_iou_cropped, pack_masks
 
     fig, rows = _query_rows(evaluation, features, queries, top, row_height=2.2)
     for axes, q, position in rows:

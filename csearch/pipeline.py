@@ -130,7 +130,7 @@ def embed_prepared(extractor, prepared: Sequence[Prepared], config: Config) -> n
 
 def prepare_image(image: np.ndarray, config: Config, localizer, classifier=None) -> Prepared:
     """Localize and cut out the object, then build the model inputs and the compact mask."""
-    from .store import resize_mask
+    from .masks import resize_mask
 
     started = time.perf_counter()
     image = downscale_max_side(image, config.preprocess.work_side)
@@ -369,8 +369,9 @@ class Engine:
                box: Optional[np.ndarray] = None) -> tuple[list[Hit], dict]:
         """Exact KNN over the (restricted) gallery, then re-rank the top candidates by mask IoU.
         Reads one snapshot of the index, so concurrent adds/removes never mix into a query."""
-        from .search import knn, rerank_with_masks
-        from .store import pack_masks
+        from .knn import knn
+        from .search import rerank_with_masks
+        from .masks import pack_masks
 
         cfg = (config or self.config).search
         snap = self.store.snapshot

@@ -36,7 +36,7 @@ HEADLINE_KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `retrieval` subcommand's arguments (csearch.evaluate calls this)."""
-    from .cli import add_model_flags
+    from .console import add_model_flags
 
     parser.add_argument("--gallery", metavar="SPEC", help="catalogue to search (folder, CSV manifest, "
                         "Grocery train.txt or classes.csv); not needed with --index")
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace):
     """The `csearch index` model flags plus the search flags, as one Config."""
-    from .cli import config_from_args
+    from .console import config_from_args
     from .config import merge
 
     flags = _search_flags(args)
@@ -280,7 +280,7 @@ def format_table(report: dict) -> str:
 
 
 def _bar(total: int, desc: str):
-    from .cli import progress_bar
+    from .console import progress_bar
 
     return progress_bar(total, desc)
 
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m csearch.evaluate retrieval ARGS` (csearch.evaluate passes ARGS here) or
     `python -m csearch.retrieval_eval ARGS`: parse, run, one-line errors, stdout kept for --json."""
-    from .cli import quiet_frameworks, run_command
+    from .console import quiet_frameworks, run_command
 
     quiet_frameworks()
     args = build_parser().parse_args(None if argv is None else list(argv))

@@ -479,7 +479,7 @@ class Service:
         return payload
 
     def _visuals(self, localization: Localization) -> dict:
-        from .store import resize_mask
+        from .masks import resize_mask
 
         # the same resize the pipeline applies, so this is exactly the mask the re-ranker compares
         mask = resize_mask(localization.mask, self.store.snapshot.mask_size)

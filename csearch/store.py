@@ -50,8 +50,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import StoreError
-from .search import Block, mask_bytes, pack_masks, squared_norms, unpack_masks
-from .search import crop_masks, mask_box, resize_mask  # noqa: F401  (re-exported: the stored mask format)
+from .knn import Block, squared_norms
+from .masks import mask_bytes, pack_masks, unpack_masks
 
 FORMAT = "csearch-index"
 VERSION = 1
@@ -292,7 +292,7 @@ class Snapshot:
         return np.cumsum([0] + self.segment_rows())
 
     def blocks(self):
-        """The vectors as `search.Block`s, one per segment, for `search.knn`: the memory-mapped
+        """The vectors as `knn.Block`s, one per segment, for `knn.knn`: the memory-mapped
         files themselves with their stored norms, removed rows skipped by index, so nothing
         is copied however the index was changed."""
         if not self._segments:  # an empty gallery of the right dimension: knn finds nothing

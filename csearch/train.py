@@ -42,6 +42,7 @@ import yaml
 
 from . import __version__, errors
 from .config import _update_section
+from .console import parse_sets
 from .data import Catalogue, read_catalogue
 
 log = logging.getLogger("csearch.train")
@@ -724,16 +725,6 @@ def _evaluate(model, data) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------
 # CLI
 
-def _parse_set(items: Sequence[str]) -> dict:
-    values = {}
-    for item in items or ():
-        if "=" not in item:
-            raise errors.ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        values[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m csearch.train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -759,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides = {**_parse_set(args.set), "backbone": args.backbone, "weights": args.weights,
+    overrides = {**parse_sets(args.set), "backbone": args.backbone, "weights": args.weights,
                  "epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size,
                  "color": args.color, "val": args.val, "seed": args.seed}
     if args.freeze_backbone:
@@ -775,8 +766,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """One-line errors (exit 2), Ctrl-C resumable (exit 130), stdout kept for --json: the
-    shared csearch.cli.run_command."""
-    from .cli import quiet_frameworks, run_command
+    shared csearch.console.run_command."""
+    from .console import quiet_frameworks, run_command
 
     quiet_frameworks()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -13,7 +13,8 @@ from onnx_models import classifier_onnx, expected_u2net_saliency, fba_onnx, u2ne
 from csearch import errors
 from csearch.config import LocalizeConfig
 from csearch.localize import (ClassicalSaliency, Localizer, NoLocalizer, SaliencyLocalizer, U2NetSaliency,
-                              composite_on_white, localization_from_alpha, make_localizer, mask_box)
+                              composite_on_white, localization_from_alpha, make_localizer)
+from csearch.masks import pixel_box as mask_box
 
 
 @pytest.fixture(scope="module")

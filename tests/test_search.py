@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from csearch import knn as knn_module
 from csearch import search
 from csearch.errors import UnknownNameError
-from csearch.search import knn, mask_iou, mask_iou_cropped, rerank, rerank_with_masks, squared_norms
-from csearch.store import mask_box, pack_masks
+from csearch.knn import knn, squared_norms
+from csearch.masks import mask_iou, mask_iou_cropped, pack_masks
+from csearch.masks import normalized_box as mask_box
+from csearch.search import rerank, rerank_with_masks
 
 ENGINES = ["numpy", "faiss", "auto"]
 
@@ -36,8 +39,8 @@ def assert_matches_reference(vectors, queries, k, rows, got_rows, got_distances,
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force many chunks so that the per-chunk selection and the merge are exercised."""
-    monkeypatch.setattr(search, "CHUNK_BYTES", 4 * 32 * 100)
-    monkeypatch.setattr(search, "_chunk_rows", lambda queries, dim, gathered: 37)
+    monkeypatch.setattr(knn_module, "CHUNK_BYTES", 4 * 32 * 100)
+    monkeypatch.setattr(knn_module, "_chunk_rows", lambda queries, dim, gathered: 37)
 
 
 # ---------------------------------------------------------------------------------------- knn
@@ -255,7 +258,7 @@ def test_blocks_search_like_their_concatenated_live_rows(engine, chunked, restri
     rng = np.random.default_rng(5)
     pieces = [rng.standard_normal((n, 16)).astype(np.float32) for n in (90, 3, 120)]
     lives = [np.sort(rng.choice(90, 70, replace=False)), None, np.flatnonzero(rng.random(120) < 0.9)]
-    blocks = [search.Block(p, squared_norms(p) if i != 1 else None, live)
+    blocks = [knn_module.Block(p, squared_norms(p) if i != 1 else None, live)
               for i, (p, live) in enumerate(zip(pieces, lives))]
     flat = np.concatenate([p if live is None else p[live] for p, live in zip(pieces, lives)])
     queries = rng.standard_normal((3, 16)).astype(np.float32)
@@ -269,8 +272,8 @@ def test_blocks_search_like_their_concatenated_live_rows(engine, chunked, restri
 def test_blocks_are_validated():
     good = np.zeros((4, 8), np.float32)
     with pytest.raises(ValueError, match="float32"):
-        knn([search.Block(good), search.Block(np.zeros((4, 7), np.float32))], good[0], 2)
+        knn([knn_module.Block(good), knn_module.Block(np.zeros((4, 7), np.float32))], good[0], 2)
     with pytest.raises(ValueError, match="live rows"):
-        knn([search.Block(good, None, np.array([1, 9]))], good[0], 2)
+        knn([knn_module.Block(good, None, np.array([1, 9]))], good[0], 2)
     with pytest.raises(ValueError, match="sq_norms"):
-        knn([search.Block(good)], good[0], 2, sq_norms=np.zeros(4, np.float32))
+        knn([knn_module.Block(good)], good[0], 2, sq_norms=np.zeros(4, np.float32))

@@ -16,7 +16,9 @@ import pytest
 
 from csearch import store as store_module
 from csearch.errors import StoreError
-from csearch.store import (IndexStore, crop_masks, mask_box, pack_masks, resize_mask, unpack_masks)
+from csearch.masks import crop_masks, pack_masks, resize_mask, unpack_masks
+from csearch.masks import normalized_box as mask_box
+from csearch.store import IndexStore
 
 REPO = Path(__file__).resolve().parents[1]
 DIM, SIZE = 8, 16
@@ -98,7 +100,7 @@ def test_empty_index_has_empty_columns(index):
     assert index.vectors.shape == (0, DIM) and index.mask_bits.shape == (0, SIZE * SIZE // 8)
     assert index.ids.shape == (0,) and index.paths == [] and index.rows_for_categories(["x"]).size == 0
     assert index.add(*items(0)).shape == (0,)
-    from csearch.search import knn
+    from csearch.knn import knn
     assert knn(index.blocks(), np.zeros(DIM, np.float32), 5)[0].shape == (1, 0)
 
 
@@ -183,7 +185,7 @@ def test_update_meta_merges_keys(index, tmp_path):
 def test_segmented_reads_match_the_whole_columns(index):
     """blocks/gather/records/rows_for_categories read the segments in place; they must agree
     with the concatenated columns, removed rows included."""
-    from csearch.search import knn
+    from csearch.knn import knn
 
     for seed in range(4):
         index.add(*items(6, seed=seed))
@@ -194,7 +196,7 @@ def test_segmented_reads_match_the_whole_columns(index):
     for column, whole in [("ids", snapshot.ids), ("vectors", snapshot.vectors), ("masks", snapshot.mask_bits),
                           ("boxes", snapshot.boxes), ("sq_norms", snapshot.sq_norms)]:
         np.testing.assert_array_equal(snapshot.gather(column, rows), whole[rows])
-    np.testing.assert_array_equal(snapshot.masks(rows), store_module.unpack_masks(snapshot.mask_bits[rows], SIZE))
+    np.testing.assert_array_equal(snapshot.masks(rows), unpack_masks(snapshot.mask_bits[rows], SIZE))
     assert snapshot.records(rows) == [{"id": int(snapshot.ids[r]), "path": snapshot.paths[r],
                                        "category": snapshot.categories[r], "product": snapshot.products[r],
                                        "box": snapshot.boxes[r].tolist()} for r in rows]

@@ -243,7 +243,7 @@ def markdown_table(rows: list[dict], reference: Optional[dict] = None) -> str:
 
 def run_ablation(args, config: Config, cache_dir: Optional[Path], out: Path) -> list[dict]:
     """CLI layer of --ablate: read the catalogues, run every row, write ablation.{md,json}."""
-    from ..cli import progress_bar
+    from ..console import progress_bar
     from ..retrieval_eval import read_subset
 
     cache_dir = cache_dir or default_cache_dir()

@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..localize.base import composite_on_white, mask_box
+from ..localize.base import composite_on_white
+from ..masks import pixel_box
 from ..types import Localization
 
 
@@ -194,7 +195,7 @@ def _from_entry(image: np.ndarray, entry: dict) -> Localization:
     alpha = entry["alpha"]
     mask = np.unpackbits(entry["mask"], count=height * width).reshape(height, width).astype(bool)
     return Localization(alpha=alpha, mask=mask, cutout=composite_on_white(image, alpha),
-                        backend=str(entry["backend"]), box=mask_box(mask))
+                        backend=str(entry["backend"]), box=pixel_box(mask))
 
 
 class CachedExtractor:

@@ -229,7 +229,7 @@ def compute_query_features(records: Sequence[Record], config: Config, models: Mo
 
 def store_as_queries(store) -> QueryFeatures:
     """The gallery itself as a query set (leave-one-out tuning on the training gallery)."""
-    from ..store import unpack_masks
+    from ..masks import unpack_masks
 
     records = [Record(p, c, pr) for p, c, pr in zip(store.paths, store.categories, store.products)]
     masks = unpack_masks(np.asarray(store.mask_bits), store.mask_size)

@@ -72,7 +72,7 @@ def allowed_rows(store, categories: Optional[Sequence[str]], exclude: np.ndarray
 def library_reranker(store, queries: QueryFeatures, config: Config) -> Optional[Reranker]:
     """csearch.search's re-ranking with the config's method (None for 'none'): the production path."""
     from ..search import rerank_with_masks
-    from ..store import pack_masks
+    from ..masks import pack_masks
 
     cfg = config.search
     if cfg.rerank == "none":
@@ -93,7 +93,7 @@ def rank_queries(store, queries: QueryFeatures, config: Config, restriction: str
                  depth: Optional[int] = None, exclude_self: bool = True,
                  progress: Optional[Callable[[int], None]] = None) -> Evaluation:
     """Rank every query that has a relevant gallery item and score the rankings."""
-    from ..search import knn
+    from ..knn import knn
 
     cfg = config.search
     if reranker is None and use_library_reranker:

@@ -76,8 +76,7 @@ def iou_gate(distances, ious, weight: float) -> np.ndarray:
 
 def make_reranker(kind: str, weight: float, store, queries, crop: bool = False) -> Callable:
     """A ranking.Reranker for one experimental kind over `store` and `queries` (QueryFeatures)."""
-    from ..search import mask_iou, mask_iou_cropped
-    from ..store import pack_masks
+    from ..masks import mask_iou, mask_iou_cropped, pack_masks
 
     if kind not in KINDS:
         raise ValueError(f"unknown shape re-ranker {kind!r}; valid: {', '.join(KINDS)}")

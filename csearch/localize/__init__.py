@@ -19,7 +19,7 @@ from typing import Optional
 from ..config import LocalizeConfig
 from ..errors import WeightsNotFound, unknown_name
 from .base import (Localizer, MattingFailed, NoLocalizer, SaliencyLocalizer, composite_on_white,
-                   localization_from_alpha, mask_box)
+                   localization_from_alpha)
 from .classical import ClassicalSaliency
 from .matting import FBAMatting, TrimapMatting, alpha_pymatting, make_trimap
 from .u2net import U2NetSaliency
@@ -31,7 +31,7 @@ DEFAULT_FBA = "fba"
 
 __all__ = ["BACKENDS", "MATTINGS", "ClassicalSaliency", "FBAMatting", "Localizer", "MattingFailed", "NoLocalizer",
            "SaliencyLocalizer", "TrimapMatting", "U2NetSaliency", "alpha_pymatting", "composite_on_white",
-           "localization_from_alpha", "make_localizer", "make_trimap", "mask_box"]
+           "localization_from_alpha", "make_localizer", "make_trimap"]
 
 
 def resolve_model(value: Optional[str], default_name: str) -> Path:

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..masks import pixel_box
 from ..preprocess import validate_image
 from ..types import Localization
 
@@ -46,15 +47,6 @@ class SaliencyModel(Protocol):
 Matting = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1), exclusive end, of the True pixels; the whole image when none is True."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return 0, 0, int(mask.shape[1]), int(mask.shape[0])
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
 def composite_on_white(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """image * alpha + white * (1 - alpha), rounded to uint8: catalogue images sit on white."""
     a = np.clip(alpha, 0.0, 1.0).astype(np.float32)[:, :, None]
@@ -82,7 +74,7 @@ def localization_from_alpha(image: np.ndarray, alpha: np.ndarray, threshold: flo
     if not mask.any():
         return full_localization(image, backend + EMPTY_SUFFIX)
     return Localization(alpha=alpha, mask=mask, cutout=composite_on_white(image, alpha),
-                        backend=backend, box=mask_box(mask))
+                        backend=backend, box=pixel_box(mask))
 
 
 class NoLocalizer:
