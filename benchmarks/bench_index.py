@@ -90,7 +90,7 @@ def pad_with_synthetic(engine: Engine, total: int, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     size = store.mask_size
     yy, xx = np.mgrid[:size, :size]
-    categories = sorted(set(store.categories))
+    categories = sorted(set(store.snapshot.categories))
     for start in range(0, missing, 1000):
         n = min(1000, missing - start)
         vectors = rng.normal(size=(n, store.dim)).astype(np.float32)

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from csearch import models
+from csearch import errors, models
 
 
 def _rate(fn, batch: np.ndarray, repeats: int) -> float:
@@ -40,7 +40,7 @@ def bench_extractors(names, batch_size: int, repeats: int) -> dict:
         weights = _weights(name)
         try:
             extractor = models.load_extractor(name, weights)
-        except models.errors.CSearchError as exc:
+        except errors.CSearchError as exc:
             print(f"{name}: skipped ({exc})", file=sys.stderr)
             continue
         size = extractor.input_size

@@ -39,13 +39,15 @@ def percentiles(values) -> dict:
             "mean": round(float(values.mean()), 3)}
 
 
-def padded_store(base, size: int, folder: Path, seed: int = 0):
-    """An index of `size` items: the first rows of `base`, then synthetic unit vectors."""
+def padded_store(base_store, size: int, folder: Path, seed: int = 0):
+    """An index of `size` items: the first rows of `base_store`, then synthetic unit vectors."""
     from csearch.store import IndexStore
 
+    base = base_store.snapshot
     if (folder / "manifest.json").is_file():
         store = IndexStore.open(folder)
-        if len(store) == size and store.dim == base.dim and store.meta == base.meta:  # padded from this base
+        padded = store.snapshot
+        if len(padded) == size and padded.dim == base.dim and padded.meta == base.meta:  # padded from this base
             return store
     store = IndexStore.create(folder, meta=dict(base.meta), dim=base.dim, mask_size=base.mask_size, overwrite=True)
     rng = np.random.default_rng(seed)
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
         entry = {"search_ms": search_stages(sized, prepared, plain, 3),
                  "search_faiss_ms": search_stages(sized, prepared, plain_faiss, 3),
                  "search_iou_top10_ms": search_stages(sized, prepared, iou, 3),
-                 "knn_qps": knn_throughput(np.asarray(store.vectors), query_vectors)}
+                 "knn_qps": knn_throughput(np.asarray(store.snapshot.vectors), query_vectors)}
         report["sizes"][size] = entry
         print(size, json.dumps(entry), file=sys.stderr, flush=True)
     # the evaluation's own overhead: full-depth ranking + metrics per query vs the bare search

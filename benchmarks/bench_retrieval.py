@@ -67,12 +67,8 @@ KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision
 
 
 def entry_point() -> list[str]:
-    """`python -m csearch.evaluate retrieval` once csearch.evaluate routes it, else this
-    package's standalone entry (same arguments)."""
-    evaluate = REPO / "csearch" / "evaluate.py"
-    if evaluate.is_file() and "retrieval_eval" in evaluate.read_text():
-        return [sys.executable, "-m", "csearch.evaluate", "retrieval"]
-    return [sys.executable, "-m", "csearch.retrieval_eval"]
+    """The command each cell runs (its arguments follow)."""
+    return [sys.executable, "-m", "csearch.evaluate", "retrieval"]
 
 
 def command(case: str, pipeline: str, out: Path, cache: Path, live: bool, ablate: bool, figures: bool,
@@ -102,7 +98,8 @@ def run(cmd: list[str], env: dict) -> float:
 
 
 def summary_table(rows: list[dict]) -> str:
-    lines = ["| case | pipeline | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | cat. acc | p50 ms | p95 ms | queries | gallery | runtime s |",
+    lines = ["| case | pipeline | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | cat. acc | p50 ms | p95 ms | "
+             "queries | gallery | runtime s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['pipeline']} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS)
@@ -115,10 +112,12 @@ def summary_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "retrieval")
-    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("CSEARCH_EVAL_CACHE", "/work/cache/csearch-eval")))
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(os.environ.get("CSEARCH_EVAL_CACHE", "/work/cache/csearch-eval")))
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
     parser.add_argument("--pipelines", default=",".join(PIPELINES), help=f"comma-separated: {', '.join(PIPELINES)}")
-    parser.add_argument("--classifier", metavar="RUN_DIR", help="category classifier for the photo and cutout pipelines")
+    parser.add_argument("--classifier", metavar="RUN_DIR",
+                        help="category classifier for the photo and cutout pipelines")
     parser.add_argument("--ablate", action="store_true", help=f"ablation table for each case (around {ABLATED})")
     parser.add_argument("--figures", action="store_true", help=f"figures for each case ({ABLATED} pipeline)")
     parser.add_argument("--resume", action="store_true", help="skip cells whose identical command already ran")

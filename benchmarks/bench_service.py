@@ -84,9 +84,15 @@ async def one_client(http, queries: list, count: int, offset: int, out: list) ->
             status, body = type(exc).__name__, {}
         elapsed = (time.perf_counter() - started) * 1e3
         top = body.get("results", [{}])[0].get("product") if body.get("results") else None
-        out.append({"status": status, "ms": elapsed, "top1": top == product,
-                    "queue_ms": body.get("timings_ms", {}).get("queue"),
-                    "engine_ms": body.get("timings_ms", {}).get("total")})
+        out.append(
+            {
+                "status": status,
+                "ms": elapsed,
+                "top1": top == product,
+                "queue_ms": body.get("timings_ms", {}).get("queue"),
+                "engine_ms": body.get("timings_ms", {}).get("total"),
+            }
+        )
 
 
 async def load_level(base: str, queries: list, clients: int, requests: int) -> dict:
@@ -97,8 +103,7 @@ async def load_level(base: str, queries: list, clients: int, requests: int) -> d
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
         started = time.perf_counter()
-        await asyncio.gather(*(one_client(http, queries, per_client, c * per_client, samples)
-                               for c in range(clients)))
+        await asyncio.gather(*(one_client(http, queries, per_client, c * per_client, samples) for c in range(clients)))
         wall = time.perf_counter() - started
     ok = sorted(s["ms"] for s in samples if s["status"] == 200)
     errors: dict = {}
@@ -110,14 +115,21 @@ async def load_level(base: str, queries: list, clients: int, requests: int) -> d
         values = [s[key] for s in samples if s[key] is not None]
         return round(sum(values) / len(values), 1) if values else None
 
-    return {"clients": clients, "requests": len(samples), "ok": len(ok), "errors": errors,
-            "seconds": round(wall, 2), "throughput_rps": round(len(ok) / wall, 3),
-            "p50_ms": round(percentile(ok, 50), 1) if ok else None,
-            "p95_ms": round(percentile(ok, 95), 1) if ok else None,
-            "p99_ms": round(percentile(ok, 99), 1) if ok else None,
-            "max_ms": round(ok[-1], 1) if ok else None,
-            "mean_queue_ms": mean("queue_ms"), "mean_engine_ms": mean("engine_ms"),
-            "top1_product": round(sum(s["top1"] for s in samples) / len(samples), 3)}
+    return {
+        "clients": clients,
+        "requests": len(samples),
+        "ok": len(ok),
+        "errors": errors,
+        "seconds": round(wall, 2),
+        "throughput_rps": round(len(ok) / wall, 3),
+        "p50_ms": round(percentile(ok, 50), 1) if ok else None,
+        "p95_ms": round(percentile(ok, 95), 1) if ok else None,
+        "p99_ms": round(percentile(ok, 99), 1) if ok else None,
+        "max_ms": round(ok[-1], 1) if ok else None,
+        "mean_queue_ms": mean("queue_ms"),
+        "mean_engine_ms": mean("engine_ms"),
+        "top1_product": round(sum(s["top1"] for s in samples) / len(samples), 3),
+    }
 
 
 def free_port() -> int:
@@ -131,9 +143,25 @@ def start_server(index: Path, workers: int, log: Path) -> tuple[subprocess.Popen
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen([sys.executable, "-m", "csearch", "serve", str(index), "--host", "127.0.0.1",
-                                "--port", str(port), "--workers", str(workers)],
-                               cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "csearch",
+            "serve",
+            str(index),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -177,9 +205,16 @@ def cmd_run(args) -> None:
         if process is not None:
             process.terminate()
             process.wait(30)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "host": platform.node(), "cpus": os.cpu_count(),
-              "load_average_at_end": os.getloadavg(), "workers": stats["service"]["workers"],
-              "items": stats["items"], "models": stats["models"], "levels": levels}
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "workers": stats["service"]["workers"],
+        "items": stats["items"],
+        "models": stats["models"],
+        "levels": levels,
+    }
     print(json.dumps(report, indent=1))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
@@ -187,14 +222,18 @@ def cmd_run(args) -> None:
 
 
 def markdown(levels: list[dict]) -> str:
-    lines = ["| clients | requests | errors | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | p99/p50 | "
-             "mean queue (ms) | mean engine (ms) | top-1 product |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| clients | requests | errors | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | p99/p50 | "
+        "mean queue (ms) | mean engine (ms) | top-1 product |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in levels:
         ratio = f"{r['p99_ms'] / r['p50_ms']:.2f}" if r["p50_ms"] else "-"
-        lines.append(f"| {r['clients']} | {r['requests']} | {sum(r['errors'].values())} | {r['throughput_rps']:.2f} | "
-                     f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {ratio} | "
-                     f"{r['mean_queue_ms']:.0f} | {r['mean_engine_ms']:.0f} | {r['top1_product']:.2f} |")
+        lines.append(
+            f"| {r['clients']} | {r['requests']} | {sum(r['errors'].values())} | {r['throughput_rps']:.2f} | "
+            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {ratio} | "
+            f"{r['mean_queue_ms']:.0f} | {r['mean_engine_ms']:.0f} | {r['top1_product']:.2f} |"
+        )
     return "\n".join(lines)
 
 

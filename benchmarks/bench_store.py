@@ -77,7 +77,8 @@ def bench(n: int, dim: int, size: int, batch: int, root: Path) -> dict:
 
     result["open_ms"] = ms(timed(lambda: IndexStore.open(directory))[0])
     opened = IndexStore.open(directory)
-    result["first_search_after_open_ms"] = ms(timed(lambda: knn(opened.blocks(), np.ones(dim, np.float32), 10))[0])
+    first_query = np.ones(dim, np.float32)
+    result["first_search_after_open_ms"] = ms(timed(lambda: knn(opened.snapshot.blocks(), first_query, 10))[0])
     result["refresh_unchanged_ms"] = median_ms(opened.refresh, 200)
 
     singles = []
@@ -90,25 +91,25 @@ def bench(n: int, dim: int, size: int, batch: int, root: Path) -> dict:
 
     def first_search():  # what a server pays for its first query after another process's change
         reader.refresh()
-        return knn(reader.blocks(), query, 10, engine="numpy")
+        return knn(reader.snapshot.blocks(), query, 10, engine="numpy")
 
     store.add(*batch_items(n + 20, 1, dim, size, rng))
     result["refresh_and_search_after_add_ms"] = ms(timed(first_search)[0])
     result["next_search_ms"] = ms(timed(first_search)[0])
-    result["whole_vectors_column_after_add_ms"] = ms(timed(lambda: reader.vectors)[0])  # a copy
+    result["whole_vectors_column_after_add_ms"] = ms(timed(lambda: reader.snapshot.vectors)[0])  # a copy
 
-    live = store.ids
+    live = store.snapshot.ids
     removals = [timed(lambda: store.remove([int(live[i * 97])]))[0] for i in range(10)]
     result["single_remove_ms"] = ms(statistics.median(removals))
-    some = store.ids[rng.choice(len(store), len(store) // 100, replace=False)]
+    some = store.snapshot.ids[rng.choice(len(store), len(store) // 100, replace=False)]
     result["remove_1pct_ms"] = ms(timed(lambda: store.remove(some))[0])
     result["refresh_and_search_after_remove_ms"] = ms(timed(first_search)[0])
-    result["whole_vectors_column_after_remove_ms"] = ms(timed(lambda: reader.vectors)[0])  # a copy
+    result["whole_vectors_column_after_remove_ms"] = ms(timed(lambda: reader.snapshot.vectors)[0])  # a copy
 
     result["compact_ms"] = ms(timed(store.compact)[0])
     result["open_after_compact_ms"] = ms(timed(lambda: IndexStore.open(directory))[0])
     compacted = IndexStore.open(directory)
-    result["vectors_after_compact_ms"] = ms(timed(lambda: compacted.vectors)[0])  # a memory map: no copy
+    result["vectors_after_compact_ms"] = ms(timed(lambda: compacted.snapshot.vectors)[0])  # a memory map: no copy
     return result
 
 

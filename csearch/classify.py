@@ -1,29 +1,17 @@
-"""The paper's category classifier: a registered backbone plus a small dense head.
-
-Model layout (layer names are the interface `train.py` and `export_classifier` rely on)::
-
-    image (S, S, 3) float32 RGB in [0, 255]
-    -> "augment"     RandomFlip("horizontal"), RandomRotation, RandomZoom (identity at inference)
-    -> "features"    InferenceMode(models.build_backbone(...)): preprocessing + pooled backbone
-    -> "fc1" Dense(1024, relu) -> "dropout" Dropout(0.5) -> "fc2" Dense(512, relu)
-    -> "predictions" Dense(n_classes, softmax)
-
-Why `InferenceMode`: in Keras 3 a Functional model passes `fit()`'s `training=True` to every
-layer, overriding a `backbone(x, training=False)` written at construction (keras-team/keras
-#20285). Unfrozen batch-norm layers would then normalise with batch statistics, which breaks
-the shared MobileNetV2 weights (identity batch-norm). The wrapper pins the backbone to
-inference mode however the model is called; its unfrozen weights still train.
+"""Inference with a trained category classifier (a RUN_DIR), plus its ONNX export.
 
 A RUN_DIR (written by `python -m csearch.train classifier`) holds `model.keras`,
 `classes.json` (class names in output order), `config.yaml`, `history.csv`, `summary.json`,
-and after `export_classifier` also `model.onnx` + `export.json`.
+and after `export_classifier` also `model.onnx` + `export.json`. The Keras model itself (its
+layers and their names) is csearch.classifier_model, imported only when a Keras model is loaded,
+so importing this module (the query path) never imports Keras.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import yaml
@@ -31,173 +19,11 @@ import yaml
 from . import errors
 from .types import Prediction
 
-HEAD_UNITS = (1024, 512)
-DROPOUT = 0.5
-AUGMENT_LAYER = "augment"
-FEATURES_LAYER = "features"
-HEAD_LAYERS = ("fc1", "dropout", "fc2", "predictions")
 MODEL_FILE = "model.keras"
 ONNX_FILE = "model.onnx"
 CLASSES_FILE = "classes.json"
 CONFIG_FILE = "config.yaml"
 EXPORT_FILE = "export.json"
-
-_INFERENCE_MODE_CLASS = None
-
-
-def _inference_mode_class():
-    """The `InferenceMode` wrapper class, created on first use so importing csearch.classify
-    does not import Keras (the same pattern as models.Preprocess)."""
-    global _INFERENCE_MODE_CLASS
-    if _INFERENCE_MODE_CLASS is None:
-        import keras
-
-        @keras.saving.register_keras_serializable(package="csearch")
-        class InferenceMode(keras.layers.Wrapper):
-            """Calls the wrapped layer with training=False, always (see the module docstring)."""
-
-            def call(self, inputs, training=None):
-                return self.layer(inputs, training=False)
-
-            def compute_output_shape(self, input_shape):
-                return self.layer.compute_output_shape(input_shape)
-
-        _INFERENCE_MODE_CLASS = InferenceMode
-    return _INFERENCE_MODE_CLASS
-
-
-def custom_objects() -> dict:
-    """Everything `keras.saving.load_model` needs for a classifier file."""
-    from .models import custom_objects as model_objects
-
-    cls = _inference_mode_class()
-    return {**model_objects(), "csearch>InferenceMode": cls, "InferenceMode": cls}
-
-
-def build_augmentation(rotation: float = 0.1, zoom: float = 0.2, flip: bool = True,
-                       seed: Optional[int] = None):
-    """The paper's augmentation as Keras preprocessing layers (active only when training).
-
-    `rotation` is a fraction of a full turn (0.1 = up to +-36 degrees) and `zoom` a fraction of
-    the side (0.2 = 80-120 %), as in keras.layers.RandomRotation / RandomZoom. Rotated/zoomed-out
-    corners are filled by reflection so no black border becomes a cue.
-    """
-    import keras
-
-    layers = []
-    if flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if rotation:
-        layers.append(keras.layers.RandomRotation(rotation, fill_mode="reflect", seed=seed))
-    if zoom:
-        layers.append(keras.layers.RandomZoom(zoom, fill_mode="reflect", seed=seed))
-    if not layers:  # an identity keeps the model's layout (and layer names) fixed
-        layers.append(keras.layers.Identity())
-    return keras.Sequential(layers, name=AUGMENT_LAYER)
-
-
-def backbone_network(model):
-    """The keras.applications network inside a classifier (or inside a build_backbone model)."""
-    from .models import BACKBONE_LAYER
-
-    features = model.get_layer(FEATURES_LAYER) if _has_layer(model, FEATURES_LAYER) else None
-    holder = features.layer if features is not None else model
-    return holder.get_layer(BACKBONE_LAYER)
-
-
-def _has_layer(model, name: str) -> bool:
-    return any(layer.name == name for layer in model.layers)
-
-
-def set_trainable(model, unfreeze: Optional[int]) -> int:
-    """Freeze the backbone except its top `unfreeze` layers (None: all of it; 0: none).
-
-    Layers are counted on the keras.applications network's own layer list (the global pooling
-    layer included), the usual meaning of "top N layers". The head stays trainable. Returns the
-    number of backbone layers that hold weights and are now trainable.
-    """
-    network = backbone_network(model)
-    layers = [layer for layer in network.layers if layer.__class__.__name__ != "InputLayer"]
-    if unfreeze is not None and (not isinstance(unfreeze, (int, np.integer)) or unfreeze < 0):
-        raise errors.ConfigError(f"unfreeze must be a count of layers >= 0 or None (all), got {unfreeze!r}")
-    count = len(layers) if unfreeze is None else min(int(unfreeze), len(layers))
-    # The containers must be trainable for any child to be (Keras returns no trainable
-    # weights from a frozen container); then the bottom layers are frozen one by one.
-    model.get_layer(FEATURES_LAYER).trainable = count > 0
-    network.trainable = count > 0
-    for index, layer in enumerate(layers):
-        layer.trainable = index >= len(layers) - count
-    for name in HEAD_LAYERS:
-        model.get_layer(name).trainable = True
-    return sum(1 for layer in layers[len(layers) - count:] if layer.weights)
-
-
-def build_classifier(backbone_name: str, n_classes: int, weights="imagenet",
-                     image_size: Optional[int] = None, unfreeze: Optional[int] = 0, *,
-                     rotation: float = 0.1, zoom: float = 0.2, flip: bool = True,
-                     seed: Optional[int] = None):
-    """The paper's classifier: backbone (no top, pooled) -> Dense(1024, relu) -> Dropout(0.5)
-    -> Dense(512, relu) -> Dense(n_classes, softmax).
-
-    `weights`: "imagenet" | "none" | a file path (resolved by models.resolve_weights, so a
-    missing file is a one-line WeightsNotFound). `unfreeze`: 0 trains the head only, N also
-    the backbone's top N layers, None the whole backbone. Input: float32 RGB in [0, 255].
-    """
-    import keras
-
-    from .models import build_backbone, get_spec, names
-
-    if backbone_name not in names("backbone"):
-        raise errors.unknown_name("backbone", backbone_name, names("backbone"))
-    if not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
-        raise errors.ConfigError(f"a classifier needs at least 2 classes, got {n_classes!r}")
-    size = int(image_size or get_spec(backbone_name).input_size)
-    backbone = build_backbone(backbone_name, weights, size)
-    image = keras.Input((size, size, 3), name="image", dtype="float32")
-    x = build_augmentation(rotation, zoom, flip, seed)(image)
-    x = _inference_mode_class()(backbone, name=FEATURES_LAYER)(x)
-    x = keras.layers.Dense(HEAD_UNITS[0], activation="relu", name="fc1")(x)
-    x = keras.layers.Dropout(DROPOUT, seed=seed, name="dropout")(x)
-    x = keras.layers.Dense(HEAD_UNITS[1], activation="relu", name="fc2")(x)
-    probs = keras.layers.Dense(int(n_classes), activation="softmax", name="predictions")(x)
-    model = keras.Model(image, probs, name=f"classifier_{backbone_name}")
-    set_trainable(model, unfreeze)
-    return model
-
-
-def head_model(model, feature_dim: int):
-    """The classifier's head as its own model on pooled features (sharing the layers, so
-    training it trains the classifier): what the frozen-backbone mode fits on cached features."""
-    import keras
-
-    features = keras.Input((feature_dim,), name="pooled")
-    x = features
-    for name in HEAD_LAYERS:
-        x = model.get_layer(name)(x)
-    return keras.Model(features, x, name="head")
-
-
-def inference_model(model):
-    """The classifier without its augmentation layers (shared weights): for predict and export."""
-    import keras
-
-    image = keras.Input(model.input_shape[1:], name="image", dtype="float32")
-    x = model.get_layer(FEATURES_LAYER)(image)
-    for name in HEAD_LAYERS:
-        x = model.get_layer(name)(x)
-    return keras.Model(image, x, name=model.name)
-
-
-def load_keras_model(path: Path):
-    import keras
-
-    if not Path(path).is_file():
-        raise errors.StoreError(f"classifier model not found: {path}")
-    try:
-        return keras.saving.load_model(str(path), custom_objects=custom_objects(), compile=False)
-    except (ValueError, OSError, TypeError) as exc:
-        raise errors.ModelMismatch(f"{path}: not a readable csearch classifier "
-                                   f"({' '.join(str(exc).split())[:160]})") from None
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -265,7 +91,7 @@ class Classifier:
             runner = _OnnxRunner(path)
         else:
             path = run_dir / MODEL_FILE
-            runner = _KerasRunner(inference_model(load_keras_model(path)))
+            runner = _KerasRunner(_load_inference_model(path))
         classifier = cls(run_dir, class_names, size, color, path, runner)
         classifier._check_outputs()
         return classifier
@@ -328,6 +154,13 @@ class Classifier:
         return results
 
 
+def _load_inference_model(path: Path):
+    """model.keras without its augmentation layers (imports Keras: only when a Keras model runs)."""
+    from .classifier_model import inference_model, load_keras_model
+
+    return inference_model(load_keras_model(path))
+
+
 class _KerasRunner:
     def __init__(self, model):
         self.model = model
@@ -368,16 +201,13 @@ def export_classifier(run_dir, fmt: str = "onnx", batch: int = 2) -> tuple[Path,
     """
     if fmt != "onnx":
         raise errors.unknown_name("export format", fmt, ["onnx"])
-    try:
-        from .export import export_onnx
-    except ImportError:
-        raise errors.ConfigError("ONNX export needs csearch.export, which is not installed") from None
+    from .export import export_onnx
     from .models import file_sha256
 
     run_dir = Path(run_dir).expanduser()
     config = read_run_config(run_dir)
     size = int(config["image_size"])
-    model = inference_model(load_keras_model(run_dir / MODEL_FILE))
+    model = _load_inference_model(run_dir / MODEL_FILE)
     sample = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3)).astype(np.float32)
     path = run_dir / ONNX_FILE
     diff = float(export_onnx(model, path, sample))

@@ -62,15 +62,16 @@ def cmd_add(args) -> int:
 
     engine = Engine.open(args.index)
     catalogue = read_catalogue(args.catalogue)
-    known = set(engine.store.paths)
+    known = set(engine.store.snapshot.paths)
     records = [r for r in catalogue.records if str(Path(r.path).resolve()) not in known]
     log.info("catalogue: %s; %d new", catalogue.summary(), len(records))
     with progress_bar(len(records), "adding") as bar:
-        added, failures = engine.add(records, progress=bar.update)
+        ids, failures = engine.add(records, progress=bar.update)
     report_failures(list(failures) + list(catalogue.skipped))
-    log.info("added %d image(s); the index now holds %d", added, len(engine.store))
+    items = len(engine.store.snapshot)
+    log.info("added %d image(s); the index now holds %d", len(ids), items)
     if args.json:
-        args.stdout.write(json.dumps({"added": added, "failed": len(failures), "items": len(engine.store)}) + "\n")
+        args.stdout.write(json.dumps({"added": len(ids), "failed": len(failures), "items": items}) + "\n")
     return 0
 
 
@@ -151,6 +152,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import allowed_values
+
     parser = argparse.ArgumentParser(
         prog="csearch", description="Find the same product in a catalogue from one photo "
         "(U²-Net localization, category restriction, exact KNN, mask-IoU re-ranking).", epilog=EPILOG)
@@ -190,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", help="search this category instead of the predicted one")
     p.add_argument("--restrict", choices=["on", "off"], help="restrict to the predicted category (needs an "
                    "index built with --classifier)")
-    p.add_argument("--rerank", choices=["none", "iou", "iou_crop", "fused", "fused_crop"],
+    p.add_argument("--rerank", choices=allowed_values("search.rerank"),
                    help="re-rank the top candidates by mask IoU (the paper: iou)")
     p.add_argument("--rerank-top", type=int, help="how many KNN candidates to re-rank")
     p.add_argument("--set", metavar="search.KEY=VALUE", action="append", help="override a search setting")

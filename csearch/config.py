@@ -14,67 +14,99 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, unknown_name
+
+
+Color = Literal["rgb", "gray"]
+LocalizeMethod = Literal["none", "classical", "u2net"]
+Matting = Literal["none", "pymatting", "fba"]
+Views = Literal["cutout", "cutout+photo"]
+ClassifierInput = Literal["photo", "cutout"]
+Rerank = Literal["none", "iou", "fused", "iou_crop", "fused_crop"]
+KnnEngine = Literal["numpy", "faiss", "auto"]
+
+MAX_K = 100  # results per query, as the HTTP API allows
+MAX_RERANK_TOP = 1000
+
+
+def bounded(default: Any, *, ge: Optional[float] = None, le: Optional[float] = None, gt: Optional[float] = None,
+            lt: Optional[float] = None, multiple_of: Optional[int] = None) -> Any:
+    """A dataclass field with declared bounds, checked whenever a config is built."""
+    return field(default=default, metadata={"ge": ge, "le": le, "gt": gt, "lt": lt, "multiple_of": multiple_of})
+
+
+class _Section:
+    """Base of every config section: validates its own values on construction (so `replace`,
+    YAML, `--set`, CLI flags, HTTP parameters and index loading share one set of rules)."""
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            _check_value(self, spec)
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
-    image_size: int = 224  # extractor / classifier input side (the paper: 224)
-    color: str = "rgb"  # rgb | gray (the paper: gray replicated to 3 channels)
-    max_pixels: int = 40_000_000  # decompression-bomb guard: larger images are refused
-    min_side: int = 8  # smaller images carry no usable detail
-    work_side: int = 640  # images are downscaled to this longest side before localization
+class PreprocessConfig(_Section):
+    image_size: int = bounded(224, ge=32, le=2048)  # extractor / classifier input side (the paper: 224)
+    color: Color = "rgb"  # rgb | gray (the paper: gray replicated to 3 channels)
+    max_pixels: int = bounded(40_000_000, ge=1)  # decompression-bomb guard: larger images are refused
+    min_side: int = bounded(8, ge=1)  # smaller images carry no usable detail
+    work_side: int = bounded(640, ge=32)  # images are downscaled to this longest side before localization
 
 
 @dataclass(frozen=True)
-class LocalizeConfig:
-    backend: str = "u2net"  # none | classical | u2net
+class LocalizeConfig(_Section):
+    backend: LocalizeMethod = "u2net"  # none | classical | u2net
     model: Optional[str] = None  # U²-Net ONNX file (None: resolve u2netp.onnx, see `csearch models`)
-    matting: str = "none"  # none | pymatting | fba (pymatting: no retrieval gain measured, +70 ms/image)
+    matting: Matting = "none"  # none | pymatting | fba (pymatting: no retrieval gain measured, +70 ms/image)
     matting_model: Optional[str] = None  # FBA ONNX file, for matting=fba
-    input_size: int = 320  # U²-Net input side (320 as trained; 256/224 faster, less accurate)
-    threads: Optional[int] = None  # ONNX Runtime intra-op threads per localizer (None: 1)
-    threshold: float = 0.5  # alpha above this is object
-    band: int = 11  # width in px of the trimap's unknown band (matting cost grows with it)
+    # U²-Net input side (320 as trained; 256/224 faster, less accurate); its five 2x poolings need
+    # a multiple of 32
+    input_size: int = bounded(320, ge=64, le=1024, multiple_of=32)
+    threads: Optional[int] = bounded(None, ge=1)  # ONNX Runtime intra-op threads per localizer (None: 1)
+    threshold: float = bounded(0.5, gt=0.0, lt=1.0)  # alpha above this is object
+    band: int = bounded(11, ge=1, le=255)  # width in px of the trimap's unknown band (matting cost grows with it)
     crop: bool = True  # crop the cut-out to the object's box before feature extraction
-    margin: float = 0.05  # box margin, as a fraction of the box's longer side
+    margin: float = bounded(0.05, ge=0.0, le=1.0)  # box margin, as a fraction of the box's longer side
 
 
 @dataclass(frozen=True)
-class EmbedConfig:
-    extractor: str = "efficientnet_lite0"  # registry name (`csearch models`); measured best, retrieval.md
+class EmbedConfig(_Section):
+    # a registry name (`csearch models`) or an exported .onnx file; measured best, retrieval.md
+    extractor: str = "efficientnet_lite0"
     weights: Optional[str] = "imagenet"  # imagenet | none | a file path
-    batch_size: int = 32
+    batch_size: int = bounded(32, ge=1, le=4096)
     normalize: bool = True  # L2-normalise vectors (Euclidean on unit vectors ~ cosine)
     # cutout | cutout+photo: also embed the whole photo and search both views at once (measured
     # best on average, and far better without a classifier: docs/results/retrieval.md)
-    views: str = "cutout+photo"
-    photo_weight: float = 0.5  # cutout+photo: share of the whole photo in the squared distance
+    views: Views = "cutout+photo"
+    photo_weight: float = bounded(0.5, gt=0.0, lt=1.0)  # cutout+photo: share of the whole photo in the distance
 
 
 @dataclass(frozen=True)
-class ClassifyConfig:
+class ClassifyConfig(_Section):
     classifier: Optional[str] = None  # RUN_DIR of `python -m csearch.train classifier`
-    top_n: int = 1  # search the top-n predicted categories
-    input: str = "photo"  # what the classifier sees: photo (measured best) | cutout (the paper)
+    top_n: int = bounded(1, ge=1)  # search the top-n predicted categories
+    input: ClassifierInput = "photo"  # what the classifier sees: photo (measured best) | cutout (the paper)
 
 
 @dataclass(frozen=True)
-class SearchConfig:
-    k: int = 5
+class SearchConfig(_Section):
+    k: int = bounded(5, ge=1, le=MAX_K)
     restrict: bool = True  # restrict to the predicted category when the index has a classifier
-    rerank: str = "none"  # none | iou | fused | iou_crop | fused_crop (see csearch.search)
-    rerank_top: int = 10  # how many KNN candidates the re-ranker re-orders
-    rerank_weight: float = 0.5  # fused: weight of the IoU term
-    mask_size: int = 64  # masks are compared at mask_size x mask_size
-    engine: str = "numpy"  # numpy | faiss | auto (exact either way; numpy measured fastest on 2 cores)
+    rerank: Rerank = "none"  # none | iou | fused | iou_crop | fused_crop (see csearch.search)
+    rerank_top: int = bounded(10, ge=1, le=MAX_RERANK_TOP)  # how many KNN candidates the re-ranker re-orders
+    rerank_weight: float = bounded(0.5, ge=0.0, le=1.0)  # fused: weight of the IoU term
+    mask_size: int = bounded(64, ge=8, le=512)  # masks are compared at mask_size x mask_size
+    # the exact KNN engine: numpy | faiss | auto (exact either way; numpy measured fastest on 2 cores)
+    engine: KnnEngine = "numpy"
 
 
 @dataclass(frozen=True)
@@ -89,6 +121,91 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# ----------------------------------------------------------------------------- the schema
+
+
+def _hint(section: Any, name: str) -> Any:
+    return typing.get_type_hints(type(section))[name]
+
+
+def _base_type(hint: Any) -> tuple[Any, bool]:
+    """(the type without Optional, whether None is allowed)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+        return next(a for a in typing.get_args(hint) if a is not type(None)), True
+    return hint, False
+
+
+def _key(section: Any, name: str) -> str:
+    prefix = getattr(section, "_key_prefix", None) or _SECTION_NAMES.get(type(section), "")
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_value(section: Any, spec: dataclasses.Field) -> None:
+    value = getattr(section, spec.name)
+    base, optional = _base_type(_hint(section, spec.name))
+    key = _key(section, spec.name)
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"config key {key!r} must not be empty")
+    if typing.get_origin(base) is Literal:
+        if value not in typing.get_args(base):
+            raise unknown_name(f"value for {key}", value, typing.get_args(base))
+        return
+    limits = spec.metadata
+    if not limits or isinstance(value, bool):
+        return
+    described = _describe_bounds(limits)
+    if (limits["ge"] is not None and value < limits["ge"]) or (limits["le"] is not None and value > limits["le"]) \
+            or (limits["gt"] is not None and value <= limits["gt"]) or (limits["lt"] is not None and value >= limits["lt"]):
+        raise ConfigError(f"config key {key!r} must be {described}, got {value!r}")
+    if limits["multiple_of"] and value % limits["multiple_of"]:
+        raise ConfigError(f"config key {key!r} must be a multiple of {limits['multiple_of']}, got {value!r}")
+
+
+def _describe_bounds(limits: Mapping[str, Any]) -> str:
+    parts = [f"{word} {limits[name]:g}" for name, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+             if limits.get(name) is not None]
+    return " and ".join(parts)
+
+
+def _field(key: str) -> tuple[Any, dataclasses.Field]:
+    section_name, _, name = key.partition(".")
+    section = {f.name: f for f in fields(Config)}.get(section_name)
+    if section is None:
+        raise ConfigError(f"unknown config section {section_name!r}.{_closest(section_name, [f.name for f in fields(Config)])}")
+    section_type = section.default_factory
+    known = {f.name: f for f in fields(section_type)}
+    if name not in known:
+        raise ConfigError(f"unknown config key {key!r}.{_closest(name, known)}")
+    return section_type, known[name]
+
+
+def allowed_values(key: str) -> tuple[str, ...]:
+    """The values a Literal config key accepts, e.g. allowed_values("search.rerank"): the one list
+    that the CLI choices, the HTTP validation and the pipeline use."""
+    section_type, spec = _field(key)
+    base, _ = _base_type(typing.get_type_hints(section_type)[spec.name])
+    if typing.get_origin(base) is not Literal:
+        raise ConfigError(f"config key {key!r} takes no fixed set of values")
+    return typing.get_args(base)
+
+
+def bounds(key: str) -> dict:
+    """The declared bounds of a numeric config key: {"ge": .., "le": .., "gt": .., "lt": ..} (None: unbounded)."""
+    _, spec = _field(key)
+    return {name: spec.metadata.get(name) for name in ("ge", "le", "gt", "lt", "multiple_of")}
+
+
+def default_value(key: str) -> Any:
+    section_type, spec = _field(key)
+    return getattr(section_type(), spec.name)
+
+
+_SECTION_NAMES = {PreprocessConfig: "preprocess", LocalizeConfig: "localize", EmbedConfig: "embed",
+                  ClassifyConfig: "classify", SearchConfig: "search"}
+
+
 def _closest(name: str, valid) -> str:
     close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
     return f" Did you mean {', '.join(close)}?" if close else f" Valid: {', '.join(sorted(valid))}"
@@ -96,9 +213,9 @@ def _closest(name: str, valid) -> str:
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type (strings from the CLI included)."""
-    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing))  # noqa: S307
-    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    base, optional = _base_type(annotation)
+    if typing.get_origin(base) is Literal:
+        base = str
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
@@ -126,13 +243,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
-def _update_section(section: Any, values: Mapping[str, Any], prefix: str) -> Any:
+def update_section(section: Any, values: Mapping[str, Any], prefix: str) -> Any:
+    """`section` (a frozen dataclass) with `values` coerced to its declared types and validated."""
     known = {f.name: f for f in fields(section)}
+    hints = typing.get_type_hints(type(section))
     changes = {}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"unknown config key '{prefix}{key}'.{_closest(key, known)}")
-        changes[key] = _coerce(value, known[key].type, prefix + key)
+        changes[key] = _coerce(value, hints[key], prefix + key)
     return replace(section, **changes)
 
 
@@ -152,8 +271,24 @@ def merge(config: Config, values: Mapping[str, Any]) -> Config:
     for name, section_values in sections.items():
         if name not in known:
             raise ConfigError(f"unknown config section {name!r}.{_closest(name, known)}")
-        changes[name] = _update_section(getattr(config, name), section_values, name + ".")
+        changes[name] = update_section(getattr(config, name), section_values, name + ".")
     return replace(config, **changes)
+
+
+def read_yaml_mapping(path: str | Path, what: str = "settings") -> dict:
+    """A YAML file holding a mapping (empty file: {}), every problem a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of {what}")
+    return dict(data)
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[Mapping[str, Any]] = None,
@@ -161,16 +296,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[Mapping[s
     """Defaults (or `base`), then the YAML file, then overrides (None values are ignored)."""
     config = base or Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        config = merge(config, data)
+        config = merge(config, read_yaml_mapping(path, "sections"))
     if overrides:
         config = merge(config, {k: v for k, v in overrides.items() if v is not None})
     return config
@@ -186,3 +312,6 @@ def save_config(config: Config, path: str | Path, extra: Optional[Mapping[str, A
     if extra:
         data = {**extra, **data}
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+_update_section = update_section  # the trainer's name until its split lands

@@ -63,6 +63,7 @@ def parse_sets(values: Optional[Sequence[str]]) -> dict:
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that choose the offline models (shared by index and evaluate retrieval)."""
+    from .config import allowed_values
     from .models import names
 
     group = parser.add_argument_group("models and preprocessing")
@@ -74,17 +75,17 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                        f"{', '.join(names('backbone') + names('onnx_extractor'))}, or an exported .onnx file")
     group.add_argument("--extractor-weights", metavar="PATH|imagenet", help="extractor weights file, or "
                        "'imagenet' (looked up in $CSEARCH_HOME, then Keras' cache, then downloaded)")
-    group.add_argument("--localizer", choices=["none", "classical", "u2net"],
+    group.add_argument("--localizer", choices=allowed_values("localize.backend"),
                        help="object localization backend (default u2net)")
     group.add_argument("--localizer-model", metavar="PATH", help="U²-Net / U²-Net-p ONNX file "
                        "(default: u2netp.onnx in $CSEARCH_HOME)")
-    group.add_argument("--matting", choices=["none", "pymatting", "fba"],
+    group.add_argument("--matting", choices=allowed_values("localize.matting"),
                        help="alpha matting refinement of the saliency map (default none: pymatting "
                        "showed no retrieval gain here; the paper used FBA)")
     group.add_argument("--matting-model", metavar="PATH", help="FBA matting ONNX file, for --matting fba")
     group.add_argument("--classifier", metavar="RUN_DIR", help="trained category classifier "
                        "(python -m csearch.train classifier); queries then search only the predicted category")
-    group.add_argument("--color", choices=["rgb", "gray"], help="extractor input colour (default rgb; the "
+    group.add_argument("--color", choices=allowed_values("preprocess.color"), help="extractor input colour (default rgb; the "
                        "paper used gray)")
     group.add_argument("--image-size", type=int, help="extractor input side in px (default 224)")
     group.add_argument("--batch-size", type=int, help="extractor batch size (default 32)")

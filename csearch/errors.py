@@ -45,3 +45,9 @@ def unknown_name(kind: str, name: str, valid) -> UnknownNameError:
     close = difflib.get_close_matches(str(name), valid, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return UnknownNameError(f"unknown {kind} {name!r}.{hint} Valid: {', '.join(valid)}")
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """A third-party exception's message squeezed onto one line (for a CSearchError's text)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

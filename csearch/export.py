@@ -23,8 +23,7 @@ from typing import Mapping, Optional, Union
 
 import numpy as np
 
-from . import models
-from . import errors
+from . import errors, models
 from .errors import CSearchError
 
 
@@ -39,11 +38,6 @@ def _require_exporter() -> None:
     if backend in ("tensorflow", "jax") and importlib.util.find_spec("tf2onnx") is None:
         raise ExportError(f"ONNX export on the {backend} backend needs tf2onnx: "
                           "pip install 'tf2onnx>=1.17'")
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _set_metadata(path: Path, metadata: Mapping[str, object]) -> None:
@@ -65,7 +59,7 @@ def onnx_max_abs_diff(path: Union[str, os.PathLike], sample: np.ndarray,
                       expected: list[np.ndarray]) -> float:
     """Run the ONNX file on `sample`; the largest abs difference from `expected` (the Keras
     outputs, in order) over all outputs."""
-    session = models.onnx_session(path)
+    session = models.onnx_session(path, "the exported Keras model")
     got = session.run(None, {session.get_inputs()[0].name: sample})
     if len(got) != len(expected):
         raise ExportError(f"{path}: ONNX has {len(got)} outputs, the Keras model {len(expected)}")
@@ -94,7 +88,7 @@ def export_onnx(model, path: Union[str, os.PathLike], sample: np.ndarray,
                 model.export(str(partial), format="onnx", verbose=False, opset_version=opset)
         except Exception as exc:  # noqa: BLE001 - converters raise anything; chained below
             raise ExportError(f"ONNX export of {model.name} failed: "
-                              f"{_one_line(exc)}") from exc
+                              f"{errors.one_line(exc)}") from exc
         if metadata:
             _set_metadata(partial, metadata)
         diff = onnx_max_abs_diff(partial, sample, expected)

@@ -15,9 +15,10 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
+from .config import allowed_values
 from .errors import unknown_name
 
-ENGINES = ("numpy", "faiss", "auto")
+ENGINES = allowed_values("search.engine")
 AUTO_FAISS_MAX_QUERIES = 3  # "auto": FAISS' SIMD scan wins below this; BLAS GEMM wins above
 CHUNK_BYTES = 64 << 20  # per-chunk working memory: bounded whatever the gallery size
 

@@ -25,7 +25,6 @@ from .types import Hit, Localization, Prediction, QueryResult, Record
 log = logging.getLogger("csearch")
 
 CHUNK = 256  # images per committed index segment: an interruption loses at most this many
-VIEWS = ("cutout", "cutout+photo")
 # what an index written before a config key existed was built with (its meta lacks the key)
 LEGACY_DEFAULTS = {"embed": {"views": "cutout"}, "classify": {"input": "cutout"}}
 
@@ -102,12 +101,7 @@ class Prepared:
 def photo_view(config: Config) -> bool:
     """Whether every image is also embedded whole, next to its cut-out (embed.views). Without
     localization the cut-out is the photo, so there is one view."""
-    embed = config.embed
-    if embed.views not in VIEWS:
-        raise ConfigError(f"embed.views must be one of {', '.join(VIEWS)}, got {embed.views!r}")
-    if embed.views == "cutout+photo" and not 0.0 < embed.photo_weight < 1.0:
-        raise ConfigError(f"embed.photo_weight must be between 0 and 1 (exclusive), got {embed.photo_weight}")
-    return embed.views == "cutout+photo" and config.localize.backend != "none"
+    return config.embed.views == "cutout+photo" and config.localize.backend != "none"
 
 
 def vector_dim(config: Config, extractor) -> int:
@@ -150,10 +144,8 @@ def prepare_image(image: np.ndarray, config: Config, localizer, classifier=None)
         if config.classify.input == "cutout":
             classifier_input = model_input(loc.cutout, classifier.image_size, classifier.color, box,
                                            config.localize.margin)
-        elif config.classify.input == "photo":
+        else:  # "photo" (the config allows no other value)
             classifier_input = model_input(image, classifier.image_size, classifier.color)
-        else:
-            raise ConfigError(f"classify.input must be 'photo' or 'cutout', got {config.classify.input!r}")
     height, width = image.shape[:2]
     x0, y0, x1, y1 = loc.box
     norm_box = np.array([x0 / width, y0 / height, x1 / width, y1 / height], np.float32)
@@ -248,9 +240,11 @@ def _open_or_create(out: Path, config: Config, models: Models, overwrite: bool):
 
 
 def add_records(store, records: Sequence[Record], config: Config, models: Models,
-                progress: Optional[Callable[[int], None]] = None, workers: int = 2) -> tuple[int, list]:
-    """Extract and store `records` in committed chunks; returns (added, failures)."""
-    added, failures = 0, []
+                progress: Optional[Callable[[int], None]] = None,
+                workers: int = 2) -> tuple[np.ndarray, list]:
+    """Extract and store `records` in committed chunks; returns (the new ids: int64, ascending,
+    one per record indexed; the failures as (path, reason))."""
+    added, failures = [np.zeros(0, np.int64)], []
     prepared_stream = _prepare_records(records, config, models, workers)
     for chunk in _batches(prepared_stream, CHUNK):
         good = [(r, p) for r, p, error in chunk if p is not None]
@@ -258,14 +252,13 @@ def add_records(store, records: Sequence[Record], config: Config, models: Models
         if good:
             vectors = embed_prepared(models.extractor, [p for _, p in good], config)
             categories = [_label(r, p, models) for r, p in good]
-            store.add(vectors=vectors, masks=np.stack([p.mask for _, p in good]),
-                      boxes=np.stack([p.box for _, p in good]),
-                      paths=[str(Path(r.path).resolve()) for r, _ in good],
-                      categories=categories, products=[r.product for r, _ in good])
-            added += len(good)
+            added.append(store.add(vectors=vectors, masks=np.stack([p.mask for _, p in good]),
+                                   boxes=np.stack([p.box for _, p in good]),
+                                   paths=[str(Path(r.path).resolve()) for r, _ in good],
+                                   categories=categories, products=[r.product for r, _ in good]))
         if progress:
             progress(len(chunk))
-    return added, failures
+    return np.concatenate(added), failures
 
 
 def _label(record: Record, prepared: Prepared, models: Models) -> Optional[str]:
@@ -284,13 +277,13 @@ def build_index(catalogue: Catalogue, config: Config, out: str | Path, overwrite
         config = resolve_config(config)
         models = load_models(config)
     store = _open_or_create(out, config, models, overwrite)
-    done = set(store.paths)
+    done = set(store.snapshot.paths)
     todo = [r for r in catalogue.records if str(Path(r.path).resolve()) not in done]
     if progress and len(todo) < len(catalogue.records):
         progress(len(catalogue.records) - len(todo))
-    added, failures = add_records(store, todo, config, models, progress, workers)
+    ids, failures = add_records(store, todo, config, models, progress, workers)
     store.update_meta({"complete": True, "catalogue": catalogue.spec})
-    return IndexReport(str(out), added, len(catalogue.records) - len(todo),
+    return IndexReport(str(out), len(ids), len(catalogue.records) - len(todo),
                        tuple(failures) + tuple(catalogue.skipped), time.perf_counter() - started, config)
 
 
@@ -325,7 +318,7 @@ class Engine:
 
     @property
     def categories(self) -> list[str]:
-        return sorted({c for c in self.store.categories if c is not None})
+        return sorted(c for c in self.store.snapshot.category_counts() if c is not None)
 
     def prepare(self, image: ImageSource) -> Prepared:
         started = time.perf_counter()
@@ -367,39 +360,22 @@ class Engine:
     def search(self, vector: np.ndarray, mask: np.ndarray, k: int, categories: Optional[Sequence[str]],
                config: Optional[Config] = None, exclude_ids: Iterable[int] = (),
                box: Optional[np.ndarray] = None) -> tuple[list[Hit], dict]:
-        """Exact KNN over the (restricted) gallery, then re-rank the top candidates by mask IoU.
-        Reads one snapshot of the index, so concurrent adds/removes never mix into a query."""
-        from .knn import knn
-        from .search import rerank_with_masks
-        from .masks import pack_masks
+        """Exact KNN over the (restricted) gallery, then re-rank the top candidates by mask IoU:
+        `csearch.search.search_snapshot`, the function the retrieval evaluation ranks with. Reads
+        one snapshot of the index, so concurrent adds/removes never mix into a query."""
+        from .search import search_snapshot
 
-        cfg = (config or self.config).search
         snap = self.store.snapshot
-        started = time.perf_counter()
-        rows = snap.rows_for_categories(categories) if categories else None
-        exclude = np.fromiter((int(i) for i in exclude_ids), np.int64)
-        if len(exclude):
-            keep = ~np.isin(snap.gather("ids", np.arange(len(snap))), exclude)
-            rows = np.flatnonzero(keep) if rows is None else rows[keep[rows]]
-        depth = max(k, cfg.rerank_top) if cfg.rerank != "none" else k
-        if len(snap) == 0 or (rows is not None and len(rows) == 0):
-            return [], {"search": (time.perf_counter() - started) * 1e3, "rerank": 0.0}
-        found, distances = knn(snap.blocks(), vector[None], depth, rows=rows, engine=cfg.engine)
-        found, distances = found[0], distances[0]
-        searched = time.perf_counter()
-        query_box = np.array([0, 0, 1, 1], np.float32) if box is None else box
-        order, scores, ious = rerank_with_masks(distances, pack_masks(mask[None])[0], query_box,
-                                                snap.gather("masks", found), snap.gather("boxes", found),
-                                                snap.mask_size, method=cfg.rerank, weight=cfg.rerank_weight)
-        shown = order[:k]
-        records = snap.records(found[shown])
-        hits = [Hit(id=r["id"], path=r["path"], product=r["product"], category=r["category"],
-                    distance=float(distances[position]), iou=None if ious is None else float(ious[rank]),
-                    score=float(scores[rank])) for rank, (position, r) in enumerate(zip(shown, records))]
-        timings = {"search": (searched - started) * 1e3, "rerank": (time.perf_counter() - searched) * 1e3}
-        return hits, timings
+        ranking = search_snapshot(snap, vector, mask, box, k=k, settings=(config or self.config).search,
+                                  categories=categories, exclude_ids=exclude_ids)
+        hits = [Hit(id=r["id"], path=r["path"], product=r["product"], category=r["category"], distance=float(distance),
+                    iou=None if np.isnan(iou) else float(iou), score=float(score))
+                for r, distance, score, iou in zip(snap.records(ranking.rows), ranking.distances, ranking.scores,
+                                                   ranking.ious)]
+        return hits, dict(ranking.timings)
 
-    def add(self, records: Sequence[Record], progress=None, workers: int = 2) -> tuple[int, list]:
+    def add(self, records: Sequence[Record], progress=None, workers: int = 2) -> tuple[np.ndarray, list]:
+        """Index `records` (durable on return); returns (their new ids, failures as (path, reason))."""
         return add_records(self.store, records, self.config, self.models, progress, workers)
 
     def remove(self, ids: Iterable[int]) -> int:

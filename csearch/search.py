@@ -1,6 +1,11 @@
 """Search over an index snapshot: category restriction, exact KNN, then re-ranking.
 
-The exact KNN kernel is `csearch.knn`; mask geometry is `csearch.masks`.
+`search_snapshot` is the one search path: `Engine.search` answers a query with it, and the
+retrieval evaluation ranks every query with it (deeper), so the two cannot drift apart. The
+exact KNN kernel is `csearch.knn`; mask geometry is `csearch.masks`.
+
+The first `rerank_top` KNN candidates are re-ordered; results past them keep KNN order, with
+the KNN score 1 / (1 + distance) and no IoU.
 
 Re-ranking follows the paper: the top-N candidates are re-ordered by the IoU of their object
 masks with the query's, compared bit-packed (`pack_masks`, the format the index stores). Scores are
@@ -21,12 +26,18 @@ which is no evidence that two images show the same shape.
 
 from __future__ import annotations
 
-from typing import Optional
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .errors import unknown_name
-from .masks import mask_iou, mask_iou_cropped
+from .errors import ConfigError, unknown_name
+from .knn import knn
+from .masks import mask_iou, mask_iou_cropped, pack_masks
+
+if TYPE_CHECKING:
+    from .config import SearchConfig
 
 RERANK_METHODS = ("none", "iou", "fused", "iou_crop", "fused_crop")
 
@@ -55,7 +66,7 @@ def rerank(distances: np.ndarray, ious: Optional[np.ndarray] = None, method: str
         scores = ious
     else:
         if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"the fused re-ranking weight must lie in [0, 1], got {weight!r}")
+            raise ConfigError(f"the fused re-ranking weight must lie in [0, 1], got {weight!r}")
         spread = distances.max() - distances.min() if len(distances) else 0.0
         similarity = (distances.max() - distances) / spread if spread > 0 else np.ones_like(distances)
         scores = (1.0 - weight) * similarity + weight * ious
@@ -79,3 +90,91 @@ def rerank_with_masks(distances: np.ndarray, query_bits: np.ndarray, query_box: 
         ious = mask_iou(query_bits, bits)
     order, scores = rerank(distances, ious, method, weight)
     return order, scores, ious[order]
+
+
+# ---------------------------------------------------------------------------------- search
+
+# (candidate snapshot rows, their distances) -> new order of the candidates: an experimental
+# re-ranker (the evaluation's shape study) in place of the configured method
+Reorder = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One query's results, best first, as snapshot rows and per-result values."""
+
+    rows: np.ndarray  # int64 (n,) snapshot rows
+    ids: np.ndarray  # int64 (n,) item ids
+    distances: np.ndarray  # float32 (n,) Euclidean
+    scores: np.ndarray  # float32 (n,) the ranking key, higher is better (module docstring)
+    ious: np.ndarray  # float32 (n,) mask IoU with the query; NaN where masks were not compared
+    timings: dict  # {"search": ms (restriction + KNN), "rerank": ms}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def allowed_rows(snapshot, categories: Optional[Sequence[str]], exclude_ids: Iterable[int] = ()
+                 ) -> Optional[np.ndarray]:
+    """Ascending snapshot rows a query may return: those of `categories` (all when empty or
+    None) minus the items `exclude_ids` (ids not in the snapshot are ignored); None: every row."""
+    rows = snapshot.rows_for_categories(categories) if categories else None
+    exclude = np.fromiter((int(i) for i in exclude_ids), np.int64)
+    if len(exclude) and len(snapshot):
+        ids = snapshot.ids  # ascending, as the snapshot keeps them
+        where = np.minimum(np.searchsorted(ids, exclude), len(ids) - 1)
+        keep = np.ones(len(snapshot), bool)
+        keep[where[ids[where] == exclude]] = False
+        rows = np.flatnonzero(keep) if rows is None else rows[keep[rows]]
+    return rows
+
+
+def search_snapshot(snapshot, vector: np.ndarray, mask: np.ndarray, box: Optional[np.ndarray] = None, *,
+                    k: int, settings: "SearchConfig", categories: Optional[Sequence[str]] = None,
+                    exclude_ids: Iterable[int] = (), reorder: Optional[Reorder] = None) -> Ranking:
+    """The k best items of `snapshot` for one query: restriction to `categories` minus
+    `exclude_ids`, exact KNN (`settings.engine`), then the first `settings.rerank_top`
+    candidates re-ordered by `settings.rerank` (or by `reorder`, which replaces it).
+
+    vector: the query's (D,) vector; mask: its bool (S, S) object mask or the packed bits of one
+    (`pack_masks`); box: its normalised box (None: the whole frame).
+    """
+    started = time.perf_counter()
+    rows = allowed_rows(snapshot, categories, exclude_ids)
+    reranking = reorder is not None or settings.rerank != "none"
+    depth = max(k, settings.rerank_top) if reranking else k
+    if len(snapshot) == 0 or (rows is not None and len(rows) == 0):
+        found, distances = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    else:
+        found, distances = knn(snapshot.blocks(), np.asarray(vector)[None], depth, rows=rows, engine=settings.engine)
+        found, distances = found[0], distances[0]
+    searched = time.perf_counter()
+    top = min(settings.rerank_top, len(found)) if reranking else 0
+    scores = (1.0 / (1.0 + distances.astype(np.float64))).astype(np.float32)  # KNN order's scores
+    ious = np.full(len(found), np.nan, np.float32)
+    if top:
+        order, top_scores, top_ious = _rerank_top(snapshot, found[:top], distances[:top], mask, box, settings,
+                                                  reorder)
+        found = np.concatenate([found[:top][order], found[top:]])
+        distances = np.concatenate([distances[:top][order], distances[top:]])
+        scores[:top] = scores[:top][order] if top_scores is None else top_scores
+        if top_ious is not None:
+            ious[:top] = top_ious
+    found, distances, scores, ious = found[:k], distances[:k], scores[:k], ious[:k]
+    ids = snapshot.gather("ids", found)  # not snapshot.ids: that builds the whole column
+    timings = {"search": (searched - started) * 1e3, "rerank": (time.perf_counter() - searched) * 1e3}
+    return Ranking(found, ids, distances, scores, ious, timings)
+
+
+def _rerank_top(snapshot, rows: np.ndarray, distances: np.ndarray, mask: np.ndarray, box: Optional[np.ndarray],
+                settings: "SearchConfig", reorder: Optional[Reorder]):
+    """(order, scores or None, IoUs or None) of the candidates to re-rank; a `reorder` gives
+    the order only (its candidates keep their KNN scores)."""
+    if reorder is not None:
+        return np.asarray(reorder(rows, distances)), None, None
+    mask = np.asarray(mask)
+    query_bits = pack_masks(mask[None])[0] if mask.dtype == bool else mask
+    query_box = np.array([0, 0, 1, 1], np.float32) if box is None else box
+    return rerank_with_masks(distances, query_bits, query_box, snapshot.gather("masks", rows),
+                             snapshot.gather("boxes", rows), snapshot.mask_size, method=settings.rerank,
+                             weight=settings.rerank_weight)

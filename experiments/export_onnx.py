@@ -32,8 +32,12 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from csearch.models.onnx_runtime import onnx_session  # noqa: E402 - needs REPO on the path; no torch, no Keras
+from csearch.models.registry import get_spec  # noqa: E402
+
 U2NET_OUTPUTS = [f"d{i}" for i in range(7)]
-FBA_INPUTS = ["image", "two_chan_trimap", "image_n", "trimap_transformed"]
+FBA_INPUTS = list(get_spec("fba").onnx_inputs)  # the names csearch.localize feeds
 TOLERANCE = 1e-3
 
 
@@ -69,14 +73,13 @@ def build_fba(repo: Path, checkpoint: Path):
     return build_model(str(checkpoint)).eval()
 
 
-def u2net_example(size: int) -> dict[str, np.ndarray]:
+def u2net_example(variant: str, size: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"input.1": rng.normal(0, 1, (1, 3, size, size)).astype(np.float32)}
+    return {get_spec(variant).onnx_inputs[0]: rng.normal(0, 1, (1, 3, size, size)).astype(np.float32)}
 
 
 def fba_example(size: int) -> dict[str, np.ndarray]:
     """Realistic inputs built with csearch's own preprocessing, so the check covers it too."""
-    sys.path.insert(0, str(REPO))
     from csearch.localize.matting import fba_inputs, make_trimap
 
     yy, xx = np.mgrid[:size, :size]
@@ -98,9 +101,7 @@ def export(net, feeds: dict[str, np.ndarray], outputs: list[str], out: Path, ops
 
 
 def verify(out: Path, feeds: dict[str, np.ndarray], reference: np.ndarray) -> None:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    session = onnx_session(out, "the exported network")  # as csearch will run it
     got = session.run([session.get_outputs()[0].name], feeds)[0]
     diff = float(np.abs(got - reference).max())
     print(f"{out}: onnxruntime vs torch, first output max abs diff {diff:.2e}")
@@ -110,10 +111,9 @@ def verify(out: Path, feeds: dict[str, np.ndarray], reference: np.ndarray) -> No
 
 def check_interface(kind: str, out: Path, size: int) -> None:
     """The file must load through csearch's own validation."""
-    sys.path.insert(0, str(REPO))
     from csearch.localize import FBAMatting, U2NetSaliency
 
-    model = FBAMatting(out) if kind == "fba" else U2NetSaliency(out, input_size=size)
+    model = FBAMatting(out) if kind == "fba" else U2NetSaliency(out, input_size=size, model=kind)
     print(f"{out}: accepted by csearch ({type(model).__name__})")
 
 
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         export(build_fba(args.repo, args.checkpoint), fba_example(args.size), ["output"], args.out,
                args.opset, args.fixed)
     else:
-        export(build_u2net(args.model, args.repo, args.checkpoint), u2net_example(args.size), U2NET_OUTPUTS,
+        export(build_u2net(args.model, args.repo, args.checkpoint), u2net_example(args.model, args.size), U2NET_OUTPUTS,
                args.out, args.opset, args.fixed)
     check_interface(args.model, args.out, args.size)
     return 0

@@ -46,14 +46,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from csearch import errors
-    from csearch.evaluate import evaluate_classifiers
-    from csearch.train import _parse_set, load_train_config, train_classifier
+    from csearch.console import parse_sets
+    from csearch.evaluation.classifier import evaluate_classifiers
+    from csearch.train import load_train_config, train_classifier
 
     out = Path(args.out)
     configs = args.config or DEFAULT_CONFIGS
     say = logging.getLogger("reproduce").info
     try:
-        overrides = _parse_set(args.set)
+        overrides = parse_sets(args.set)
         run_dirs = []
         for path in configs:
             config = load_train_config(path, overrides)

@@ -25,12 +25,12 @@ def inference_mode_check(wrapped: bool = True) -> tuple[bool, bool]:
     passes training=True down a Functional model; InferenceMode must stop it."""
     import keras
 
-    from csearch import classify
+    from csearch.classifier_model import InferenceMode
 
     inner_in = keras.Input((4,))
     inner = keras.Model(inner_in, keras.layers.Dropout(0.5)(keras.layers.BatchNormalization()(inner_in)))
     x_in = keras.Input((4,))
-    sub = classify._inference_mode_class()(inner) if wrapped else inner
+    sub = InferenceMode(inner) if wrapped else inner
     out = keras.layers.Dense(2, activation="softmax")(sub(x_in, training=False))
     model = keras.Model(x_in, out)
     x = np.random.default_rng(0).normal(5, 3, (16, 4)).astype(np.float32)

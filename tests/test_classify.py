@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from csearch import classify
+from csearch import classifier_model, classify
 from csearch.errors import ImageError, ModelMismatch, StoreError, UnknownNameError, WeightsNotFound
 
 SIZE = 32
@@ -18,38 +18,38 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def model():
-    return classify.build_classifier("mobilenet", 3, "none", SIZE, unfreeze=0, seed=0)
+    return classifier_model.build_classifier("mobilenet", 3, "none", SIZE, unfreeze=0, seed=0)
 
 
 def test_head_is_the_papers(model):
     layers = {layer.name: layer for layer in model.layers}
-    assert [n for n in layers if n in classify.HEAD_LAYERS] == list(classify.HEAD_LAYERS)
+    assert [n for n in layers if n in classifier_model.HEAD_LAYERS] == list(classifier_model.HEAD_LAYERS)
     assert layers["fc1"].units == 1024 and layers["fc1"].activation.__name__ == "relu"
     assert layers["dropout"].rate == 0.5
     assert layers["fc2"].units == 512 and layers["fc2"].activation.__name__ == "relu"
     assert layers["predictions"].units == 3 and layers["predictions"].activation.__name__ == "softmax"
-    augment = [type(layer).__name__ for layer in layers[classify.AUGMENT_LAYER].layers]
+    augment = [type(layer).__name__ for layer in layers[classifier_model.AUGMENT_LAYER].layers]
     assert augment == ["RandomFlip", "RandomRotation", "RandomZoom"]
     assert model.output_shape == (None, 3)
-    probs = classify.inference_model(model).predict_on_batch(np.full((2, SIZE, SIZE, 3), 128, np.float32))
+    probs = classifier_model.inference_model(model).predict_on_batch(np.full((2, SIZE, SIZE, 3), 128, np.float32))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
 def test_unfreeze_selects_top_layers(model):
     head = {"fc1", "fc2", "predictions"}
     try:
-        assert classify.set_trainable(model, 0) == 0
+        assert classifier_model.set_trainable(model, 0) == 0
         assert {w.path.split("/")[0] for w in model.trainable_weights} == head
         # MobileNet's top 7 layers: pooling + conv_dw_13(+bn, relu) + conv_pw_13(+bn, relu)
-        assert classify.set_trainable(model, 7) == 4
+        assert classifier_model.set_trainable(model, 7) == 4
         owners = {w.path.split("/")[0] for w in model.trainable_weights}
         assert owners == head | {"conv_dw_13", "conv_dw_13_bn", "conv_pw_13", "conv_pw_13_bn"}
-        network = classify.backbone_network(model)
-        assert classify.set_trainable(model, None) == sum(1 for layer in network.layers if layer.weights)
+        network = classifier_model.backbone_network(model)
+        assert classifier_model.set_trainable(model, None) == sum(1 for layer in network.layers if layer.weights)
         with pytest.raises(Exception, match="unfreeze"):
-            classify.set_trainable(model, -3)
+            classifier_model.set_trainable(model, -3)
     finally:
-        classify.set_trainable(model, 0)
+        classifier_model.set_trainable(model, 0)
 
 
 @pytest.mark.parametrize("wrapped", [True, False])
@@ -64,7 +64,7 @@ def test_inference_mode_survives_fit(wrapped):
 
 
 def test_classifier_wraps_its_backbone(model):
-    assert type(model.get_layer(classify.FEATURES_LAYER)).__name__ == "InferenceMode"
+    assert type(model.get_layer(classifier_model.FEATURES_LAYER)).__name__ == "InferenceMode"
 
 
 @pytest.mark.shared_models
@@ -74,12 +74,12 @@ def test_real_mobilenetv2_keeps_its_batch_norm_while_fine_tuning(shared_models):
     import keras
 
     path = shared_models / "mobilenet_v2_1.0_224_imagenet.weights.h5"
-    clf = classify.build_classifier("mobilenetv2", 2, path, 96, unfreeze=None, seed=0)
-    network = classify.backbone_network(clf)
+    clf = classifier_model.build_classifier("mobilenetv2", 2, path, 96, unfreeze=None, seed=0)
+    network = classifier_model.backbone_network(clf)
     bns = [layer for layer in network.layers if type(layer).__name__ == "BatchNormalization"]
     before = [keras.ops.convert_to_numpy(b.moving_variance).copy() for b in bns]
     x = np.random.default_rng(0).uniform(0, 255, (4, 96, 96, 3)).astype(np.float32)
-    features = clf.get_layer(classify.FEATURES_LAYER)
+    features = clf.get_layer(classifier_model.FEATURES_LAYER)
     np.testing.assert_allclose(np.asarray(features(x, training=True)), np.asarray(features(x, training=False)))
     clf.compile(keras.optimizers.SGD(1e-3), "sparse_categorical_crossentropy")
     assert np.isfinite(clf.train_on_batch(x, np.array([0, 1, 0, 1])))
@@ -89,19 +89,19 @@ def test_real_mobilenetv2_keeps_its_batch_norm_while_fine_tuning(shared_models):
 
 def test_unknown_backbone_lists_valid_names():
     with pytest.raises(UnknownNameError) as info:
-        classify.build_classifier("mobilnet", 3, "none", SIZE)
+        classifier_model.build_classifier("mobilnet", 3, "none", SIZE)
     message = str(info.value)
     assert "mobilenet" in message and "resnet101v2" in message and "\n" not in message
 
 
 def test_missing_weights_file_is_one_line(tmp_path):
     with pytest.raises(WeightsNotFound) as info:
-        classify.build_classifier("mobilenet", 3, tmp_path / "nope.weights.h5", SIZE)
+        classifier_model.build_classifier("mobilenet", 3, tmp_path / "nope.weights.h5", SIZE)
     assert "nope.weights.h5" in str(info.value) and "\n" not in str(info.value)
 
 
 def write_run(run_dir, model, class_names, color="rgb"):
-    """A RUN_DIR as train.py writes it (only what Classifier.load reads)."""
+    """A RUN_DIR as csearch.train writes it (only what Classifier.load reads)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     model.save(run_dir / classify.MODEL_FILE)
     (run_dir / classify.CLASSES_FILE).write_text(json.dumps(class_names))
@@ -124,7 +124,7 @@ def test_classifier_load_and_predict(run_dir, model):
     probs = clf.predict(images, batch_size=2)
     assert probs.dtype == np.float32 and probs.shape == (5, 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
-    expected = classify.inference_model(model).predict_on_batch(images.astype(np.float32))
+    expected = classifier_model.inference_model(model).predict_on_batch(images.astype(np.float32))
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     top = clf.predict_top(images, 2)
     assert len(top) == 5 and len(top[0].top) == 2

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import pytest
 from conftest import draw_object
 from onnx_models import classifier_onnx, expected_u2net_saliency, fba_onnx, u2net_onnx
 
+import csearch.localize
 from csearch import errors
 from csearch.config import LocalizeConfig
 from csearch.localize import (ClassicalSaliency, Localizer, NoLocalizer, SaliencyLocalizer, U2NetSaliency,
@@ -288,7 +286,7 @@ def test_make_localizer_unknown_names_list_valid_ones(field, value, valid):
 
 
 def fake_registry(monkeypatch, paths: dict):
-    """Stand-in for csearch.models (written elsewhere): resolve_weights(name, weights) -> Path."""
+    """Stand-in for csearch.models.resolve_weights(name, weights) -> Path, as csearch.localize uses it."""
     calls = []
 
     def resolve_weights(name, weights):
@@ -297,7 +295,7 @@ def fake_registry(monkeypatch, paths: dict):
             raise errors.WeightsNotFound(f"{name}.onnx not found; put it in $CSEARCH_HOME")
         return paths[name]
 
-    monkeypatch.setitem(sys.modules, "csearch.models", types.SimpleNamespace(resolve_weights=resolve_weights))
+    monkeypatch.setattr(csearch.localize, "resolve_weights", resolve_weights)
     return calls
 
 

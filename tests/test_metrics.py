@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from csearch import metrics
+from csearch.evaluation import metrics
 
 # three queries, five ranks each; R = relevant items in the whole gallery
 REL = np.array([

@@ -38,7 +38,8 @@ def test_excluding_the_query_still_finds_its_product(built):
     engine = Engine.open(index)
     right = 0
     for record in catalogue.records:
-        own = int(engine.store.ids[engine.store.paths.index(record.path)])
+        snapshot = engine.store.snapshot
+        own = int(snapshot.ids[snapshot.paths.index(record.path)])
         hits = engine.query(record.path, k=20, exclude_ids=[own]).hits
         assert len(hits) == 11 and record.path not in [h.path for h in hits]
         right += hits[0].product == record.product
@@ -90,7 +91,7 @@ def test_interrupted_index_resumes(tmp_path, tiny_catalogue, tiny_config, monkey
     report = build_index(catalogue, tiny_config, tmp_path / "idx")
     assert (report.added, report.skipped_existing) == (4, 8)
     engine = Engine.open(tmp_path / "idx")
-    assert len(engine.store) == 12 and len(set(engine.store.paths)) == 12
+    assert len(engine.store) == 12 and len(set(engine.store.snapshot.paths)) == 12
 
 
 def test_other_settings_at_same_out_are_refused(built, tiny_catalogue, tiny_config):
@@ -126,10 +127,10 @@ def test_add_and_remove_without_rebuild(built, tmp_path):
     assert engine.query(first.path, k=1).hits[0].path != first.path
     copy = tmp_path / "again.png"
     copy.write_bytes(Path(first.path).read_bytes())
-    added, failures = engine.add([Record(str(copy), first.category, first.product)])
-    assert (added, failures) == (1, [])
+    ids, failures = engine.add([Record(str(copy), first.category, first.product)])
+    assert (len(ids), failures) == (1, [])
     again = Engine.open(index).query(first.path, k=1).hits[0]
-    assert again.path == str(copy.resolve()) and again.id > hit.id
+    assert again.path == str(copy.resolve()) and again.id == ids[0] > hit.id
 
 
 class FixedClassifier:
@@ -184,13 +185,9 @@ def test_classifier_sees_the_photo_or_the_cutout(tmp_path, source):
 
 
 def test_unknown_classifier_input_is_a_config_error():
-    from csearch.localize import make_localizer
-    from csearch.pipeline import prepare_image
-
-    config = load_config(overrides={"localize.backend": "none", "classify.input": "crop"})
-    with pytest.raises(ConfigError, match="photo' or 'cutout"):
-        prepare_image(np.zeros((32, 32, 3), np.uint8), config, make_localizer(config.localize),
-                      FixedClassifier("jar"))
+    # rejected when the config is loaded, before any model or image is touched
+    with pytest.raises(ConfigError, match="classify.input 'crop'.*Valid: cutout, photo"):
+        load_config(overrides={"localize.backend": "none", "classify.input": "crop"})
 
 
 # --------------------------------------------------------------------------- views
@@ -217,7 +214,8 @@ def test_two_views_index_the_cutout_and_the_whole_photo(built, tiny_extractor):
     expected = np.concatenate([np.sqrt(1 - w) * embed_batches(extractor, prepared.extractor_input[None])[0],
                                np.sqrt(w) * embed_batches(extractor, photo[None])[0]])
     np.testing.assert_allclose(engine.embed(prepared), expected, atol=1e-6)
-    stored = np.asarray(engine.store.vectors)[engine.store.paths.index(str(Path(record.path).resolve()))]
+    snapshot = engine.store.snapshot
+    stored = np.asarray(snapshot.vectors)[snapshot.paths.index(str(Path(record.path).resolve()))]
     np.testing.assert_allclose(stored, expected, atol=1e-5)
 
 
@@ -234,13 +232,14 @@ def test_vector_length_follows_the_views(tmp_path, tiny_catalogue, tiny_config, 
     assert engine.query(record.path, k=1).hits[0].path == str(Path(record.path).resolve())
 
 
-@pytest.mark.parametrize("overrides, message", [({"embed.views": "both"}, "embed.views must be one of"),
-                                                ({"embed.photo_weight": 1.0}, "photo_weight must be between")])
-def test_bad_views_are_config_errors(tmp_path, tiny_catalogue, tiny_config, overrides, message):
+@pytest.mark.parametrize("overrides, message", [({"embed.views": "both"}, "embed.views 'both'.*Valid: cutout"),
+                                                ({"embed.photo_weight": 1.0}, "photo_weight' must be > 0 and < 1")])
+def test_bad_views_are_config_errors(tmp_path, tiny_config, overrides, message):
     from csearch.config import merge
 
     with pytest.raises(ConfigError, match=message):
-        build_index(read_catalogue(tiny_catalogue), merge(tiny_config, overrides), tmp_path / "idx")
+        merge(tiny_config, overrides)
+    assert not (tmp_path / "idx").exists()
 
 
 def test_an_index_from_before_views_opens_as_one_view(tmp_path, tiny_catalogue, tiny_config):

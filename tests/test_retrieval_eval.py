@@ -111,7 +111,7 @@ def test_metrics_on_a_hand_made_index(tmp_path):
 
 def test_a_query_in_the_gallery_is_excluded_from_its_own_results(tmp_path):
     store = hand_store(tmp_path, [[0, 0], [5, 0], [0.5, 0]], ["A", "B", "A"], ["k", "k", "k"])
-    queries = hand_queries([[0, 0]], ["A"], ["k"], paths=[store.paths[0]])
+    queries = hand_queries([[0, 0]], ["A"], ["k"], paths=[store.snapshot.paths[0]])
     result = ranking.rank_queries(store, queries, Config(), "off")
     assert 0 not in result.rankings[0].tolist()
     assert result.n_relevant.tolist() == [1]  # the other A; itself does not count
@@ -136,25 +136,29 @@ def test_predicted_restriction_uses_the_classifier_not_the_labels(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["none", "iou", "iou_crop", "fused"])
-def test_rankings_start_with_what_engine_search_returns(setup, method):
+@pytest.mark.parametrize("k", [5, 9])  # within and past the re-ranked top 6
+def test_rankings_start_with_what_engine_search_returns(setup, method, k):
     from csearch.pipeline import Engine
 
     store, queries = setup["store"], setup["queries"]
+    gallery = store.snapshot
     config = merge(setup["config"], {"search.rerank": method, "search.rerank_top": 6})
     engine = Engine(store, config, models=None)
     result = ranking.rank_queries(store, queries, config, "off")
-    excluded = ranking.self_rows(store, queries.records)
+    excluded = ranking.self_rows(gallery, queries.records)
     assert len(result.kept) == 12
     for position, q in enumerate(result.kept):
-        hits, _ = engine.search(queries.vectors[q], queries.masks[q], 5, None, config,
-                                exclude_ids=store.ids[excluded[q]], box=queries.boxes[q])
-        assert [h.id for h in hits] == store.ids[result.rankings[position][:5]].tolist()
+        hits, _ = engine.search(queries.vectors[q], queries.masks[q], k, None, config,
+                                exclude_ids=gallery.ids[excluded[q]], box=queries.boxes[q])
+        assert [h.id for h in hits] == gallery.ids[result.rankings[position][:k]].tolist()
+        assert all((h.iou is None) == (method == "none" or rank >= 6) for rank, h in enumerate(hits))
 
 
 def test_store_as_queries_round_trips_the_index(setup):
+    gallery = setup["store"].snapshot
     loo = store_as_queries(setup["store"])
-    assert len(loo) == len(setup["store"])
-    np.testing.assert_array_equal(loo.vectors, setup["store"].vectors)
+    assert len(loo) == len(gallery)
+    np.testing.assert_array_equal(loo.vectors, gallery.vectors)
 
 
 def test_query_features_save_and_load(setup, tmp_path):
@@ -167,11 +171,11 @@ def test_query_features_save_and_load(setup, tmp_path):
 
 
 def test_cli_writes_retrieval_json_with_the_promised_keys(setup, tmp_path, capfd):
-    from csearch import retrieval_eval
+    from csearch import evaluate
 
     out = tmp_path / "out"
-    code = retrieval_eval.main([
-        "--gallery", str(setup["catalogue"]), "--queries", str(setup["catalogue"]), "--out", str(out),
+    code = evaluate.main([
+        "retrieval", "--gallery", str(setup["catalogue"]), "--queries", str(setup["catalogue"]), "--out", str(out),
         "--extractor", str(setup["extractor"]), "--localizer", "classical", "--matting", "none",
         "--image-size", str(SIZE), "--set", "search.mask_size=16", "--cache-dir", str(setup["cache"]),
         "--rerank", "iou", "--rerank-top", "5", "--json"])
@@ -250,8 +254,8 @@ def test_localization_cache_is_keyed_by_every_localize_source(monkeypatch):
     from csearch.evaluation import cache
 
     before = cache.localize_source_digest()
-    real = cache.file_digest
-    monkeypatch.setattr(cache, "file_digest", lambda p: "edited" if Path(p).name == "u2net.py" else real(p))
+    real = cache.file_sha256
+    monkeypatch.setattr(cache, "file_sha256", lambda p: "edited" if Path(p).name == "u2net.py" else real(p))
     assert cache.localize_source_digest() != before
 
 
@@ -366,7 +370,7 @@ def test_plan_covers_every_module():
 
 
 def test_figures_are_written(setup, tmp_path):
-    from csearch import figures
+    from csearch.evaluation import figures
 
     store, queries = setup["store"], setup["queries"]
     result = ranking.rank_queries(store, queries, setup["config"], "off")

@@ -246,6 +246,61 @@ def test_rerank_with_masks(method):
         assert (np.diff(scores) <= 0).all()
 
 
+# ------------------------------------------------------------------------------- search_snapshot
+
+def line_snapshot(tmp_path):
+    """Items on a line at x = 0..7 (ids 0..7; categories a, b alternating); item 3's mask is
+    the query's own, the others a small corner square."""
+    from csearch.store import IndexStore
+
+    n, size = 8, 16
+    vectors = np.zeros((n, 4), np.float32)
+    vectors[:, 0] = np.arange(n)
+    masks = np.zeros((n, size, size), bool)
+    masks[:, :4, :4] = True
+    masks[3] = False
+    triangle(masks[3], 4, 4, 8, 8)
+    store = IndexStore.create(tmp_path / "line", meta={}, dim=4, mask_size=size)
+    store.add(vectors=vectors, masks=masks, boxes=np.stack([mask_box(m) for m in masks]),
+              paths=[f"/g{i}.png" for i in range(n)], categories=["a", "b"] * (n // 2),
+              products=[f"p{i}" for i in range(n)])
+    return store.snapshot, masks[3]
+
+
+def test_search_snapshot_reranks_only_the_top(tmp_path):
+    from csearch.config import SearchConfig
+
+    snapshot, query_mask = line_snapshot(tmp_path)
+    query = np.zeros(4, np.float32)
+    settings = SearchConfig(rerank="iou", rerank_top=5)
+    ranking = search.search_snapshot(snapshot, query, query_mask, k=7, settings=settings)
+    # KNN order 0..6; the top 5 re-ranked puts item 3 (the same mask) first, the rest keep KNN order
+    assert ranking.ids.tolist() == [3, 0, 1, 2, 4, 5, 6]
+    assert ranking.ious[0] == 1.0 and not np.isnan(ranking.ious[:5]).any() and np.isnan(ranking.ious[5:]).all()
+    np.testing.assert_allclose(ranking.scores[5:], 1 / (1 + ranking.distances[5:]), rtol=1e-6)
+    packed = search.search_snapshot(snapshot, query, pack_masks(query_mask[None])[0], k=3, settings=settings)
+    assert packed.ids.tolist() == [3, 0, 1]  # packed bits are accepted too, and k < rerank_top cuts the top
+    plain = search.search_snapshot(snapshot, query, query_mask, k=3, settings=SearchConfig())
+    assert plain.ids.tolist() == [0, 1, 2] and np.isnan(plain.ious).all()
+    assert set(ranking.timings) == {"search", "rerank"}
+
+
+def test_search_snapshot_restricts_and_excludes(tmp_path):
+    from csearch.config import SearchConfig
+
+    snapshot, query_mask = line_snapshot(tmp_path)
+    query = np.zeros(4, np.float32)
+    found = search.search_snapshot(snapshot, query, query_mask, k=3, settings=SearchConfig(), categories=["b"],
+                                   exclude_ids=[1, 99])  # an id not in the index is ignored
+    assert found.ids.tolist() == [3, 5, 7] and found.rows.tolist() == [3, 5, 7]
+    reordered = search.search_snapshot(snapshot, query, query_mask, k=4, settings=SearchConfig(rerank_top=2),
+                                       reorder=lambda rows, distances: np.array([1, 0]))
+    assert reordered.ids.tolist() == [1, 0, 2, 3]
+    np.testing.assert_allclose(reordered.scores, 1 / (1 + reordered.distances), rtol=1e-6)  # KNN scores
+    empty = search.search_snapshot(snapshot, query, query_mask, k=3, settings=SearchConfig(), categories=["z"])
+    assert len(empty) == 0 and empty.ids.dtype == np.int64
+
+
 # ------------------------------------------------------------------------------------- blocks
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -18,12 +18,11 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+from conftest import REPO as REPO_ROOT  # noqa: F401 - shared with the other test_serve modules
+from conftest import draw_object, write_catalogue
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper
 from PIL import Image
-
-from conftest import REPO as REPO_ROOT  # noqa: F401 - shared with the other test_serve modules
-from conftest import draw_object, write_catalogue
 
 TINY_SIZE = 32  # extractor input side: 8x8 average pooling -> 3 x 4 x 4 = 48-d colour layout
 
@@ -33,12 +32,16 @@ TINY_SIZE = 32  # extractor input side: 8x8 average pooling -> 3 x 4 x 4 = 48-d 
 
 def tiny_extractor(path: Path, size: int = TINY_SIZE) -> Path:
     """An extractor in the format `csearch export` writes: NCHW float RGB -> pooled features."""
-    nodes = [helper.make_node("AveragePool", ["input"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
-             helper.make_node("Flatten", ["pooled"], ["features"], axis=1)]
+    nodes = [
+        helper.make_node("AveragePool", ["input"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
+        helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+    ]
     graph = helper.make_graph(
-        nodes, "tiny_extractor",
+        nodes,
+        "tiny_extractor",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 3 * (size // 8) ** 2])])
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 3 * (size // 8) ** 2])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     model.ir_version = 7
     for key, value in {"csearch.role": "extractor", "csearch.layout": "nchw", "csearch.preprocessing": "raw"}.items():
@@ -56,9 +59,14 @@ def build_tiny_index(root: Path, **search) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     catalogue = write_catalogue(root / "catalogue")
-    overrides = {"localize.backend": "classical", "localize.matting": "none", "embed.weights": "none",
-                 "embed.extractor": str(tiny_extractor(root / "extractor.onnx")),
-                 "preprocess.image_size": TINY_SIZE, **{f"search.{k}": v for k, v in search.items()}}
+    overrides = {
+        "localize.backend": "classical",
+        "localize.matting": "none",
+        "embed.weights": "none",
+        "embed.extractor": str(tiny_extractor(root / "extractor.onnx")),
+        "preprocess.image_size": TINY_SIZE,
+        **{f"search.{k}": v for k, v in search.items()},
+    }
     build_index(read_catalogue(catalogue), load_config(None, overrides), root / "index", workers=1)
     return root / "index"
 
@@ -152,8 +160,9 @@ def writable_client(writable_index):
 
 
 def search(client, data: bytes, **fields):
-    return client.post("/search", files={"file": ("photo.png", data, "image/png")},
-                       data={k: str(v) for k, v in fields.items()})
+    return client.post(
+        "/search", files={"file": ("photo.png", data, "image/png")}, data={k: str(v) for k, v in fields.items()}
+    )
 
 
 # ----------------------------------------------------------------------------- search
@@ -221,7 +230,7 @@ def test_item_image_thumbnail_and_mask_by_id(client, tiny_index):
     hit = search(client, path.read_bytes(), k=1).json()["results"][0]
     image = client.get(hit["image_url"])
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
-    served_path = Path(open_engine(tiny_index).store.item(hit["id"])["path"])
+    served_path = Path(open_engine(tiny_index).store.snapshot.item(hit["id"])["path"])
     assert image.content == served_path.read_bytes()
     thumb = client.get(hit["thumbnail_url"])
     assert thumb.headers["content-type"] == "image/jpeg"
@@ -233,8 +242,10 @@ def test_item_image_thumbnail_and_mask_by_id(client, tiny_index):
 
 
 @pytest.mark.parametrize("suffix", ["", "/image", "/thumbnail", "/mask"])
-@pytest.mark.parametrize("bad_id, status", [("999999", 404), ("abc", 422), ("-1", 422), ("1.5", 422),
-                                            (str(10**30), 422), ("..%2F..%2Fetc%2Fpasswd", 404)])
+@pytest.mark.parametrize(
+    "bad_id, status",
+    [("999999", 404), ("abc", 422), ("-1", 422), ("1.5", 422), (str(10**30), 422), ("..%2F..%2Fetc%2Fpasswd", 404)],
+)
 def test_malformed_or_unknown_ids_are_4xx_json(client, bad_id, status, suffix):
     response = client.get(f"/items/{bad_id}{suffix}")
     assert response.status_code in (status, 404), response.text
@@ -244,8 +255,9 @@ def test_malformed_or_unknown_ids_are_4xx_json(client, bad_id, status, suffix):
 
 def test_add_then_search_then_remove_is_durable_and_immediate(writable_client, writable_index):
     data = new_product_image(seed=1)
-    response = writable_client.post("/items", files={"file": ("x.png", data, "image/png")},
-                                    data={"product": "magenta-ball", "category": "ball"})
+    response = writable_client.post(
+        "/items", files={"file": ("x.png", data, "image/png")}, data={"product": "magenta-ball", "category": "ball"}
+    )
     assert response.status_code == 201, response.text
     added = response.json()
     assert added["product"] == "magenta-ball" and response.headers["location"] == f"/items/{added['id']}"
@@ -260,7 +272,7 @@ def test_add_then_search_then_remove_is_durable_and_immediate(writable_client, w
     removed = writable_client.delete(f"/items/{added['id']}")
     assert removed.status_code == 200 and removed.json()["removed"] is True
     assert all(r["id"] != added["id"] for r in search(writable_client, data, k=20).json()["results"])
-    assert added["id"] not in open_engine(writable_index).store.ids
+    assert added["id"] not in open_engine(writable_index).store.snapshot.ids
     assert writable_client.get(added["image_url"]).status_code == 404
     assert writable_client.delete(f"/items/{added['id']}").status_code == 404
     assert not list((writable_index / "uploads").glob("*.png"))  # the service's own copy is gone
@@ -274,11 +286,13 @@ def test_removing_a_catalogue_item_keeps_the_users_file(writable_client, tiny_in
 
 
 def test_add_validates_before_touching_the_disk(writable_client, writable_index):
-    response = writable_client.post("/items", files={"file": ("x.png", b"not an image", "image/png")},
-                                    data={"product": "p", "category": "c"})
+    response = writable_client.post(
+        "/items", files={"file": ("x.png", b"not an image", "image/png")}, data={"product": "p", "category": "c"}
+    )
     assert response.status_code == 422 and "not an image" in response.json()["error"]
-    response = writable_client.post("/items", files={"file": ("x.png", new_product_image(), "image/png")},
-                                    data={"product": "  ", "category": "c"})
+    response = writable_client.post(
+        "/items", files={"file": ("x.png", new_product_image(), "image/png")}, data={"product": "  ", "category": "c"}
+    )
     assert response.status_code == 422 and "product" in response.json()["error"]
     assert not list((writable_index / "uploads").glob("*")) if (writable_index / "uploads").exists() else True
     assert writable_client.get("/health").json()["items"] == 12
@@ -299,7 +313,8 @@ def test_health_stats_and_openapi(client):
     assert stats["index"]["bytes"] > 0
     assert stats["service"]["workers"] == 2
     spec = client.get("/openapi.json").json()
-    assert {"/search", "/items", "/items/{item_id}", "/items/{item_id}/image", "/health", "/stats"} <= spec["paths"].keys()
+    routes = {"/search", "/items", "/items/{item_id}", "/items/{item_id}/image", "/health", "/stats"}
+    assert routes <= spec["paths"].keys()
     assert "multipart/form-data" in spec["paths"]["/search"]["post"]["requestBody"]["content"]
 
 
@@ -309,7 +324,7 @@ def test_page_and_static_files(client):
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert client.get("/static/app.js").status_code == 200
     assert client.get("/static/style.css").status_code == 200
-    assert client.get("/static/../serve.py").status_code == 404
+    assert client.get("/static/../__init__.py").status_code == 404
 
 
 # ----------------------------------------------------------------------------- workers and overload
@@ -347,8 +362,10 @@ def test_overload_queues_up_to_the_limit_then_503(tiny_index):
     async def scenario():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+
             def one():
                 return http.post("/search", files={"file": ("q.png", data, "image/png")})
+
             waiting = [asyncio.ensure_future(one()) for _ in range(3)]  # 1 running + 2 queued
             while app.state.service.pool.in_use < 3:
                 await asyncio.sleep(0.01)
@@ -367,7 +384,7 @@ def test_overload_queues_up_to_the_limit_then_503(tiny_index):
 
 
 def test_pool_runs_jobs_first_in_first_out():
-    from csearch.serve import WorkerPool
+    from csearch.serve.pool import WorkerPool
 
     pool = WorkerPool(engines=[object()], queue_limit=20)
     order = []
@@ -413,7 +430,8 @@ def test_each_worker_owns_its_models(tiny_index):
 
 def test_upload_limit_by_declared_length_and_by_streamed_bytes(tiny_index):
     """The whole body counts, whatever part carries the bytes, and it is refused as it streams."""
-    from csearch.serve import FORM_OVERHEAD, create_app
+    from csearch.serve import create_app
+    from csearch.serve.limits import FORM_OVERHEAD
 
     limit = 200_000
     app = create_app(open_engine(tiny_index), workers=1, max_upload_bytes=limit)
@@ -422,16 +440,20 @@ def test_upload_limit_by_declared_length_and_by_streamed_bytes(tiny_index):
     with TestClient(app) as http:
         big_file = http.post("/search", files={"file": ("big.png", bytes(limit + 1), "image/png")})
         assert big_file.status_code == 413 and "too large" in big_file.json()["error"]
-        declared = http.post("/search", files={"file": ("a.png", photo, "image/png"),
-                                               "padding": ("pad.bin", padding, "application/octet-stream")})
+        declared = http.post(
+            "/search",
+            files={"file": ("a.png", photo, "image/png"), "padding": ("pad.bin", padding, "application/octet-stream")},
+        )
         assert declared.status_code == 413 and declared.json()["type"] == "too_large"
 
         def chunks():  # no Content-Length: the limit must trip while the body streams in
-            yield (b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
-                   b"Content-Type: image/png\r\n\r\n" + photo + b"\r\n")
+            yield (
+                b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n" + photo + b"\r\n"
+            )
             yield b'--x\r\nContent-Disposition: form-data; name="padding"; filename="p"\r\n\r\n'
             for start in range(0, len(padding), FORM_OVERHEAD):
-                yield padding[start:start + FORM_OVERHEAD]
+                yield padding[start : start + FORM_OVERHEAD]
             yield b"\r\n--x--\r\n"
 
         streamed = http.post("/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})

@@ -9,19 +9,27 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_serve import REPO_ROOT, build_tiny_index, catalogue_images, open_engine, serve_in_thread
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed: pip install "
-                               "playwright (no browser download needed; Debian's chromium is used)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api",
+    reason="playwright (Python) is not installed: pip install "
+    "playwright (no browser download needed; Debian's chromium is used)",
+)
 if not CHROMIUM.is_file() and not shutil.which("chromium"):
-    pytest.skip(f"Debian's chromium is not installed at {CHROMIUM}: apt-get install chromium",
-                allow_module_level=True)
+    pytest.skip(f"Debian's chromium is not installed at {CHROMIUM}: apt-get install chromium", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +57,14 @@ def page(browser):
     errors = []
     opened.on("pageerror", lambda exc: errors.append(str(exc)))
     # a 4xx the page handles still logs "Failed to load resource"; anything else is a bug
-    opened.on("console", lambda msg: errors.append(msg.text)
-              if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
+    opened.on(
+        "console",
+        lambda msg: (
+            errors.append(msg.text)
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource")
+            else None
+        ),
+    )
     yield opened
     context.close()
     assert not errors, errors
@@ -73,7 +87,9 @@ def test_pick_a_photo_see_matches_and_compare_masks(site, page):
     assert cards.nth(0).locator(".product").text_content() == product
     assert re.search(r"score \d\.\d{3} · IoU \d\.\d{3}", cards.nth(0).locator(".meta").text_content())
     page.wait_for_function("document.querySelector('#cutout').naturalWidth > 0")
-    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "serve-page.png"), full_page=True)
 

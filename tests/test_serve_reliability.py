@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,9 +17,17 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-
-from test_serve import (REPO_ROOT, build_tiny_index, catalogue_images, encode, free_port, new_product_image,
-                        open_engine, search, serve_in_thread)
+from test_serve import (
+    REPO_ROOT,
+    build_tiny_index,
+    catalogue_images,
+    encode,
+    free_port,
+    new_product_image,
+    open_engine,
+    search,
+    serve_in_thread,
+)
 
 LIMIT = 1_000_000  # the upload limit the bad-input app runs with
 
@@ -52,8 +61,9 @@ def good_photo(index_dir) -> tuple[bytes, str]:
 def client(index_dir):
     from csearch.serve import create_app
 
-    with TestClient(create_app(open_engine(index_dir), workers=1, max_upload_bytes=LIMIT),
-                    raise_server_exceptions=False) as test_client:
+    with TestClient(
+        create_app(open_engine(index_dir), workers=1, max_upload_bytes=LIMIT), raise_server_exceptions=False
+    ) as test_client:
         yield test_client
 
 
@@ -80,16 +90,25 @@ def test_bad_upload_is_a_4xx_json_naming_the_problem_and_serving_goes_on(client,
     assert response.status_code == status, response.text
     assert words in response.json()["error"]
     assert "/" not in response.json()["error"].split(":")[0]  # names the field, not a server path
-    added = client.post("/items", files={"file": ("photo.jpg", make(), "image/jpeg")},
-                        data={"product": "p", "category": "c"})
+    added = client.post(
+        "/items", files={"file": ("photo.jpg", make(), "image/jpeg")}, data={"product": "p", "category": "c"}
+    )
     assert added.status_code == status and words in added.json()["error"]
     data, product = good_photo
     assert search(client, data, k=1).json()["results"][0]["product"] == product
 
 
-@pytest.mark.parametrize("k, words", [("0", "greater than or equal to 1"), ("-1", "greater than or equal to 1"),
-                                      (str(10**9), "less than or equal to 100"), ("abc", "valid integer"),
-                                      ("1.5", "valid integer"), ("", None)])
+@pytest.mark.parametrize(
+    "k, words",
+    [
+        ("0", "greater than or equal to 1"),
+        ("-1", "greater than or equal to 1"),
+        (str(10**9), "less than or equal to 100"),
+        ("abc", "valid integer"),
+        ("1.5", "valid integer"),
+        ("", None),
+    ],
+)
 def test_bad_k_is_422_naming_k(client, good_photo, k, words):
     response = search(client, good_photo[0], k=k)
     if words is None:  # an empty form field is the default, as browsers send it
@@ -99,9 +118,14 @@ def test_bad_k_is_422_naming_k(client, good_photo, k, words):
     assert response.json()["error"].startswith("k:") and words in response.json()["error"]
 
 
-@pytest.mark.parametrize("fields, words", [({"restrict": "maybe"}, "restrict:"),
-                                           ({"rerank_top": "0"}, "rerank_top:"),
-                                           ({"category": "x" * 300}, "category:")])
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"restrict": "maybe"}, "restrict:"),
+        ({"rerank_top": "0"}, "rerank_top:"),
+        ({"category": "x" * 300}, "category:"),
+    ],
+)
 def test_bad_switches_are_422(client, good_photo, fields, words):
     response = search(client, good_photo[0], **fields)
     assert response.status_code == 422 and words in response.json()["error"]
@@ -113,8 +137,12 @@ def test_missing_fields_and_wrong_content_types(client, good_photo):
     assert missing.status_code == 422 and missing.json()["error"].startswith("file:")
     as_text = client.post("/search", files={"k": (None, "3")}, data={"file": "not a file"})
     assert as_text.status_code == 422 and "file" in as_text.json()["error"]
-    for kwargs in ({"json": {"file": "x"}}, {"content": data, "headers": {"content-type": "image/png"}},
-                   {"data": {"k": "3"}}, {"content": b""}):
+    for kwargs in (
+        {"json": {"file": "x"}},
+        {"content": data, "headers": {"content-type": "image/png"}},
+        {"data": {"k": "3"}},
+        {"content": b""},
+    ):
         response = client.post("/search", **kwargs)
         assert response.status_code == 415, response.text
         assert "multipart/form-data" in response.json()["error"]
@@ -163,8 +191,11 @@ def test_concurrent_searches_while_items_are_added_and_removed(tmp_path):
             while not done.is_set() or seed < 6:
                 seed += 1
                 data = new_product_image(seed=seed)
-                response = http.post("/items", files={"file": ("n.png", data, "image/png")},
-                                     data={"product": f"new-{seed}", "category": "new"})
+                response = http.post(
+                    "/items",
+                    files={"file": ("n.png", data, "image/png")},
+                    data={"product": f"new-{seed}", "category": "new"},
+                )
                 if response.status_code != 201:
                     failures.append(f"add {response.status_code}: {response.text}")
                     continue
@@ -197,15 +228,15 @@ def test_concurrent_searches_while_items_are_added_and_removed(tmp_path):
     assert writer_ops.count("add") >= 6 and writer_ops.count("remove") >= 3
     assert app.state.service.counts["search"] >= 8 * 50
     # the index on disk is whole: a fresh reader sees exactly the surviving items
-    store = IndexStore.open(index_dir)
+    store = IndexStore.open(index_dir).snapshot
     assert len(store) == 12 + len(added_alive) == stats["items"]
     assert np.all(np.diff(store.ids) > 0)
-    assert set(added_alive) <= set(int(i) for i in store.ids)
+    assert set(added_alive) <= {int(i) for i in store.ids}
     assert all(Path(p).is_file() for p in store.paths)
     uploads = sorted(p.name for p in (index_dir / "uploads").iterdir())
     assert len(uploads) == len(added_alive)  # removed items' uploads were deleted, none leaked
     engine = open_engine(index_dir)
-    for item_id, data in added_alive.items():
+    for data in added_alive.values():
         assert engine.query(data, k=1).hits[0].id in added_alive
 
 
@@ -214,9 +245,13 @@ def test_concurrent_searches_while_items_are_added_and_removed(tmp_path):
 
 def spawn_server(index_dir: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, "-m", "csearch", "serve", str(index_dir), "--port", str(port),
-                             "--workers", "1"], cwd=REPO_ROOT, env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "csearch", "serve", str(index_dir), "--port", str(port), "--workers", "1"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def wait_healthy(base: str, process: subprocess.Popen, log: Path, timeout: float = 90) -> None:
@@ -234,8 +269,13 @@ def wait_healthy(base: str, process: subprocess.Popen, log: Path, timeout: float
 
 def cli_query(index_dir: Path, image: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run([sys.executable, "-m", "csearch", "query", str(index_dir), str(image), "-k", "1",
-                           "--json"], cwd=REPO_ROOT, env=env, capture_output=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "csearch", "query", str(index_dir), str(image), "-k", "1", "--json"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     return json.loads(done.stdout)
 
@@ -249,8 +289,12 @@ def test_sigkill_right_after_an_acknowledged_add_loses_nothing(tmp_path):
     try:
         wait_healthy(base, server, log)
         data = new_product_image(seed=42)
-        response = httpx.post(f"{base}/items", files={"file": ("n.png", data, "image/png")},
-                              data={"product": "survivor", "category": "new"}, timeout=60)
+        response = httpx.post(
+            f"{base}/items",
+            files={"file": ("n.png", data, "image/png")},
+            data={"product": "survivor", "category": "new"},
+            timeout=60,
+        )
         assert response.status_code == 201, response.text
         item_id = response.json()["id"]
         # a second add in flight when the process dies: whatever happens to it, the index stays whole
@@ -278,8 +322,12 @@ def test_sigkill_right_after_an_acknowledged_add_loses_nothing(tmp_path):
         top = httpx.post(f"{base}/search", files={"file": ("q.png", data, "image/png")}, data={"k": "1"}).json()
         assert top["results"][0]["id"] == item_id
         # the restarted server can still write (the killed one's lock died with it)
-        again = httpx.post(f"{base}/items", files={"file": ("n.png", new_product_image(seed=44), "image/png")},
-                           data={"product": "after", "category": "new"}, timeout=60)
+        again = httpx.post(
+            f"{base}/items",
+            files={"file": ("n.png", new_product_image(seed=44), "image/png")},
+            data={"product": "after", "category": "new"},
+            timeout=60,
+        )
         assert again.status_code == 201
     finally:
         server.terminate()
@@ -287,8 +335,10 @@ def test_sigkill_right_after_an_acknowledged_add_loses_nothing(tmp_path):
 
 
 def _post_quietly(base: str, data: bytes) -> None:
-    try:
-        httpx.post(f"{base}/items", files={"file": ("n.png", data, "image/png")},
-                   data={"product": "in-flight", "category": "new"}, timeout=30)
-    except httpx.TransportError:
-        pass  # the server was killed mid-request: expected
+    with contextlib.suppress(httpx.TransportError):  # the server was killed mid-request: expected
+        httpx.post(
+            f"{base}/items",
+            files={"file": ("n.png", data, "image/png")},
+            data={"product": "in-flight", "category": "new"},
+            timeout=30,
+        )

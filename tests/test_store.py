@@ -46,7 +46,7 @@ def index(tmp_path):
 
 def state(directory):
     """What a fresh reader sees: comparable across processes and crashes."""
-    s = IndexStore.open(directory)
+    s = IndexStore.open(directory).snapshot
     return (s.ids.tolist(), s.paths, s.categories, s.vectors.round(5).tolist(), s.meta)
 
 
@@ -65,24 +65,25 @@ def test_create_add_reopen_round_trip(index, tmp_path):
     reopened = IndexStore.open(tmp_path / "index")
     assert len(reopened) == 7 and reopened.dim == DIM and reopened.mask_size == SIZE
     assert reopened.meta == {"model": {"name": "tiny", "sha256": "ab"}}
-    np.testing.assert_array_equal(reopened.vectors, vectors)
-    np.testing.assert_array_equal(reopened.masks(np.arange(7)), masks)
-    np.testing.assert_array_equal(reopened.boxes, boxes)
-    np.testing.assert_allclose(reopened.sq_norms, (vectors.astype(np.float64) ** 2).sum(1), rtol=1e-5)
-    assert reopened.paths == paths and reopened.categories == categories and reopened.products == products
-    assert reopened.item(3) == {"id": 3, "path": paths[3], "category": categories[3],
-                                "product": products[3], "box": boxes[3].tolist()}
-    assert reopened.rows_for_categories(["jar", "nope"]).tolist() == [1, 4]
-    assert reopened.rows_for_categories([None]).tolist() == [2, 5]
-    assert reopened.snapshot.category_counts() == {"bottle": 3, "jar": 2, None: 2}
+    snapshot = reopened.snapshot
+    np.testing.assert_array_equal(snapshot.vectors, vectors)
+    np.testing.assert_array_equal(snapshot.masks(np.arange(7)), masks)
+    np.testing.assert_array_equal(snapshot.boxes, boxes)
+    np.testing.assert_allclose(snapshot.sq_norms, (vectors.astype(np.float64) ** 2).sum(1), rtol=1e-5)
+    assert snapshot.paths == paths and snapshot.categories == categories and snapshot.products == products
+    assert snapshot.item(3) == {"id": 3, "path": paths[3], "category": categories[3],
+                                 "product": products[3], "box": boxes[3].tolist()}
+    assert snapshot.rows_for_categories(["jar", "nope"]).tolist() == [1, 4]
+    assert snapshot.rows_for_categories([None]).tolist() == [2, 5]
+    assert snapshot.category_counts() == {"bottle": 3, "jar": 2, None: 2}
 
 
 def test_relative_paths_are_stored_absolute(index, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     vectors, masks, boxes, _, _, _ = items(1)
     index.add(vectors, masks, boxes, ["photos/a.jpg"])
-    assert index.paths == [str(tmp_path / "photos" / "a.jpg")]
-    assert index.categories == [None] and index.products == [None]
+    assert index.snapshot.paths == [str(tmp_path / "photos" / "a.jpg")]
+    assert index.snapshot.categories == [None] and index.snapshot.products == [None]
 
 
 def test_index_directory_can_be_moved(index, tmp_path):
@@ -92,16 +93,17 @@ def test_index_directory_can_be_moved(index, tmp_path):
     again = IndexStore.open(moved)
     assert len(again) == 3
     again.add(*items(2, seed=1))
-    assert IndexStore.open(moved).ids.tolist() == [0, 1, 2, 3, 4]
+    assert IndexStore.open(moved).snapshot.ids.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_empty_index_has_empty_columns(index):
     assert len(index) == 0
-    assert index.vectors.shape == (0, DIM) and index.mask_bits.shape == (0, SIZE * SIZE // 8)
-    assert index.ids.shape == (0,) and index.paths == [] and index.rows_for_categories(["x"]).size == 0
+    snapshot = index.snapshot
+    assert snapshot.vectors.shape == (0, DIM) and snapshot.mask_bits.shape == (0, SIZE * SIZE // 8)
+    assert snapshot.ids.shape == (0,) and snapshot.paths == [] and snapshot.rows_for_categories(["x"]).size == 0
     assert index.add(*items(0)).shape == (0,)
     from csearch.knn import knn
-    assert knn(index.blocks(), np.zeros(DIM, np.float32), 5)[0].shape == (1, 0)
+    assert knn(snapshot.blocks(), np.zeros(DIM, np.float32), 5)[0].shape == (1, 0)
 
 
 # -------------------------------------------------------------------------------------- ids
@@ -110,14 +112,14 @@ def test_ids_are_stable_and_never_reused(index, tmp_path):
     index.add(*items(5))
     assert index.remove([4, 1]) == 2
     assert index.add(*items(2, seed=1)).tolist() == [5, 6]
-    assert index.ids.tolist() == [0, 2, 3, 5, 6]
+    assert index.snapshot.ids.tolist() == [0, 2, 3, 5, 6]
     index.compact()
-    assert index.ids.tolist() == [0, 2, 3, 5, 6]
-    assert index.item(5)["path"] == "/catalogue/img1-0.jpg"
-    index.remove(index.ids)
+    assert index.snapshot.ids.tolist() == [0, 2, 3, 5, 6]
+    assert index.snapshot.item(5)["path"] == "/catalogue/img1-0.jpg"
+    index.remove(index.snapshot.ids)
     assert len(index) == 0
     assert index.add(*items(1, seed=2)).tolist() == [7]
-    assert IndexStore.open(tmp_path / "index").ids.tolist() == [7]
+    assert IndexStore.open(tmp_path / "index").snapshot.ids.tolist() == [7]
 
 
 def test_remove_unknown_ids_names_them_and_changes_nothing(index):
@@ -126,16 +128,16 @@ def test_remove_unknown_ids_names_them_and_changes_nothing(index):
     with pytest.raises(StoreError) as error:
         index.remove([0, 1, 99])
     assert "1, 99" in one_line(error)
-    assert index.ids.tolist() == [0, 2]
+    assert index.snapshot.ids.tolist() == [0, 2]
     assert index.remove([0, 1, 99], missing_ok=True) == 1
     with pytest.raises(StoreError):
-        index.item(0)
+        index.snapshot.item(0)
 
 
 def test_rows_for_ids_follow_the_given_order(index):
     index.add(*items(6))
     index.remove([2])
-    assert index.rows_for_ids([5, 0, 3]).tolist() == [4, 0, 2]
+    assert index.snapshot.rows_for_ids([5, 0, 3]).tolist() == [4, 0, 2]
 
 
 # ------------------------------------------------------------------------------ segments/merge
@@ -147,9 +149,9 @@ def test_small_adds_are_merged_and_tombstones_dropped(index, tmp_path):
             index.remove([1])
     rows = index.snapshot.segment_rows()
     assert len(rows) < store_module.MERGE_FACTOR and sum(rows) == 24
-    assert index.ids.tolist() == [i for i in range(25) if i != 1]  # still in id order
+    assert index.snapshot.ids.tolist() == [i for i in range(25) if i != 1]  # still in id order
     assert not len(index.snapshot.tombstones)  # the merge dropped the removed row
-    assert index.paths[:2] == ["/catalogue/img0-0.jpg", "/catalogue/img2-0.jpg"]
+    assert index.snapshot.paths[:2] == ["/catalogue/img0-0.jpg", "/catalogue/img2-0.jpg"]
     assert len(list((tmp_path / "index").glob("seg-*"))) == len(rows)  # merged ones were deleted
 
 
@@ -170,7 +172,7 @@ def test_compact_gives_one_memory_mapped_segment(index, tmp_path):
     index.compact()
     assert index.snapshot.segment_rows() == [10]
     assert state(tmp_path / "index") == before
-    assert isinstance(IndexStore.open(tmp_path / "index").vectors.base, np.memmap)  # no copy
+    assert isinstance(IndexStore.open(tmp_path / "index").snapshot.vectors.base, np.memmap)  # no copy
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["manifest.json", "seg-000004",
                                                                       "writer.lock"]
 
@@ -223,10 +225,10 @@ def test_refresh_sees_another_instances_changes(index, tmp_path):
     assert len(snapshot) == 0 and len(snapshot.ids) == 0  # an old snapshot never changes
     index.remove([1])
     other.refresh()
-    assert other.ids.tolist() == [0, 2]
+    assert other.snapshot.ids.tolist() == [0, 2]
     other.add(*items(1, seed=1))  # a writer always starts from the latest commit
     index.refresh()
-    assert index.ids.tolist() == [0, 2, 3]
+    assert index.snapshot.ids.tolist() == [0, 2, 3]
 
 
 def test_overwrite_replaces_atomically_and_readers_follow(index, tmp_path):
@@ -430,7 +432,7 @@ def test_sigkill_mid_write_keeps_exactly_the_acknowledged_items(index, tmp_path)
         for sign, *ids in lines:
             (acknowledged.update if sign == "+" else acknowledged.difference_update)(map(int, ids))
         printed += len(lines)
-        live = set(IndexStore.open(tmp_path / "index").ids.tolist())
+        live = set(IndexStore.open(tmp_path / "index").snapshot.ids.tolist())
         # the one operation in flight may have committed without being acknowledged:
         # an add (new ids above every id seen) or the remove of the last batch's first id
         newest = max(acknowledged | live | {-1})
@@ -446,7 +448,7 @@ LOCK_HOLDER = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
 from pathlib import Path
-from csearch.store import _writer_lock
+from csearch.store.local import _writer_lock
 with _writer_lock(Path(sys.argv[1]), None):
     print("locked", flush=True)
     time.sleep(60)
@@ -467,6 +469,29 @@ def test_a_killed_writer_leaves_no_stale_lock(index, tmp_path):
             holder.send_signal(signal.SIGKILL)
     index.lock_timeout = 5
     assert index.add(*items(1)).tolist() == [0]
+
+
+# ---------------------------------------------------------------------------- durable writes
+
+def test_atomic_writes_replace_whole_files_and_leave_no_temp(tmp_path, monkeypatch):
+    from csearch.store import save_npy_atomic, write_bytes_atomic
+
+    for array in (np.arange(12.0).reshape(3, 4), np.asfortranarray(np.eye(3, dtype=np.int16)), np.float32(2),
+                  np.zeros((0, 5), np.uint8)):
+        save_npy_atomic(tmp_path / "a.npy", array)
+        loaded = np.load(tmp_path / "a.npy", allow_pickle=False)
+        assert loaded.dtype == array.dtype and loaded.shape == np.shape(array) and (loaded == array).all()
+    write_bytes_atomic(tmp_path / "b", b"old")
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("injected crash")))
+    with pytest.raises(OSError):
+        write_bytes_atomic(tmp_path / "b", b"new")
+    assert (tmp_path / "b").read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["a.npy", "b"]
+
+
+def test_index_store_implements_the_vector_store_interface(index):
+    from csearch.store import VectorSnapshot, VectorStore
+
+    assert isinstance(index, VectorStore) and isinstance(index.snapshot, VectorSnapshot)
 
 
 # --------------------------------------------------------------------------------------- size

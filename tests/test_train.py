@@ -157,14 +157,14 @@ def test_rerun_finished_and_conflicting_config(frozen_run, catalogue, capsys):
 def test_finetune_on_cached_activations_moves_only_the_top(catalogue, tmp_path, monkeypatch):
     """Warm-up then fine-tuning on cached activations: weights below the cut stay exactly as
     built, the unfrozen top layers change, and the RUN_DIR loads as a classifier."""
-    from csearch import classify
+    from csearch import classifier_model, classify
 
     built = {}
-    original = classify.build_classifier
+    original = classifier_model.build_classifier
 
     def spy(*args, **kwargs):
         model = original(*args, **kwargs)
-        network = classify.backbone_network(model)
+        network = classifier_model.backbone_network(model)
         # a randomly initialised MobileNet in inference mode outputs ~0 at 32 px; a positive
         # shift below the cut gives the unfrozen layers a signal (and so a gradient)
         bn = network.get_layer("conv_pw_12_bn")
@@ -173,12 +173,12 @@ def test_finetune_on_cached_activations_moves_only_the_top(catalogue, tmp_path, 
         built["top"] = np.array(network.get_layer("conv_pw_13").kernel)
         return model
 
-    monkeypatch.setattr(classify, "build_classifier", spy)
+    monkeypatch.setattr(classifier_model, "build_classifier", spy)
     summary = train_classifier(tiny(unfreeze=7, warmup_epochs=1, epochs=1), str(catalogue), tmp_path / "ft", quiet)
     assert summary["mode"] == "cached activations (1, 1, 1024)"
     assert summary["epochs_run"] == {"warmup": 1, "finetune": 1}
     assert [r["stage"] for r in train.read_history(tmp_path / "ft" / "history.csv")] == ["warmup", "finetune"]
-    network = classify.backbone_network(classify.load_keras_model(tmp_path / "ft" / "model.keras"))
+    network = classifier_model.backbone_network(classifier_model.load_keras_model(tmp_path / "ft" / "model.keras"))
     assert not network.get_layer("conv_pw_12").trainable and network.get_layer("conv_pw_13").trainable
     np.testing.assert_array_equal(np.array(network.get_layer("conv_pw_12").kernel), built["low"])
     assert not np.allclose(np.array(network.get_layer("conv_pw_13").kernel), built["top"])
@@ -239,15 +239,16 @@ def test_empty_catalogue(tmp_path, capsys):
 
 def test_weights_imagenet_offline(catalogue, tmp_path, capsys, monkeypatch):
     from csearch import models
+    from csearch.models import weights
 
     monkeypatch.setenv("CSEARCH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
 
-    def offline(spec):  # what models._download raises when the network is unreachable
+    def offline(spec):  # what models.weights._download raises when the network is unreachable
         raise errors.WeightsNotFound(f"{spec.name}: ImageNet weights not found. Put {spec.weights_file} in "
                                      f"{models.csearch_home()} (or pass a file path); download failed: offline")
 
-    monkeypatch.setattr(models, "_download", offline)
+    monkeypatch.setattr(weights, "_download", offline)
     code = train.main(["classifier", "--data", str(catalogue), "--backbone", "mobilenet", "--weights", "imagenet",
                        "--out", str(tmp_path / "x")])
     assert code == 2
@@ -267,14 +268,15 @@ def test_real_weights_fingerprint_guards_resume(shared_models, tmp_path):
     """The resolved config records the weights file's sha256; resuming the RUN_DIR with the same
     file is allowed, with another file (or other data) it is refused."""
     from csearch.models import file_sha256
+    from csearch.train.classifier import check_run_dir
 
     path = shared_models / "mobilenet_1.0_224_imagenet.weights.h5"
     config = train.validate(TrainConfig(backbone="mobilenet", weights=str(path)))
     resolved = {"train": config.to_dict(), "data": "/data/train.txt", "weights_sha256": file_sha256(path)}
     assert resolved["weights_sha256"] == "4f1d1877afe9e2fb3334ace425ae95151cf407d1a47f82c9f214dee516b1a006"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(resolved))
-    assert train._check_run_dir(tmp_path, resolved) is None  # same run, not finished: resume
+    assert check_run_dir(tmp_path, resolved) is None  # same run, not finished: resume
     with pytest.raises(errors.ConfigError, match="weights_sha256"):
-        train._check_run_dir(tmp_path, {**resolved, "weights_sha256": "0" * 64})
+        check_run_dir(tmp_path, {**resolved, "weights_sha256": "0" * 64})
     with pytest.raises(errors.ConfigError, match="data"):
-        train._check_run_dir(tmp_path, {**resolved, "data": "/data/other.txt"})
+        check_run_dir(tmp_path, {**resolved, "data": "/data/other.txt"})

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import Config, merge
+from ..errors import CatalogueError
 from .cache import settings_digest
 from .features import (default_cache_dir, gallery_index, localize_settings, query_features, query_settings,
                        store_as_queries)
-from .ranking import category_accuracy, library_reranker, rank_queries
+from .ranking import Reranker, category_accuracy, rank_queries
 from .shape import make_reranker
 
 log = logging.getLogger("csearch")
@@ -64,7 +65,8 @@ def plan(base: Config, has_classifier: bool) -> list[Variant]:
         Variant("localization", "none (whole photo)", (("localize.backend", "none"), none_matting)),
         Variant("localization", "classical (OpenCV)", (("localize.backend", "classical"), none_matting)),
         Variant("localization", "u2net-p", (("localize.backend", "u2net"), none_matting)),
-        Variant("localization", "u2net-p + pymatting", (("localize.backend", "u2net"), ("localize.matting", "pymatting"))),
+        Variant("localization", "u2net-p + pymatting",
+                (("localize.backend", "u2net"), ("localize.matting", "pymatting"))),
         Variant("localization", f"{base.localize.backend} without box crop", (("localize.crop", False),)),
     ]
     rows.append(Variant("restriction", "off", restriction="off"))
@@ -78,7 +80,8 @@ def plan(base: Config, has_classifier: bool) -> list[Variant]:
     for top in (5, 10, 20):
         rows.append(Variant("re-ranking", f"iou, top {top} (the paper)", search=(("search.rerank", "iou"),
                                                                                ("search.rerank_top", top))))
-    rows += [Variant("re-ranking", "iou_crop, top 10", search=(("search.rerank", "iou_crop"), ("search.rerank_top", 10))),
+    rows += [Variant("re-ranking", "iou_crop, top 10",
+                     search=(("search.rerank", "iou_crop"), ("search.rerank_top", 10))),
              Variant("re-ranking", "fused w=0.5, top 10", search=(("search.rerank", "fused"), ("search.rerank_top", 10),
                                                                    ("search.rerank_weight", 0.5))),
              Variant("re-ranking", "fused_crop w=0.5, top 10", search=(("search.rerank", "fused_crop"),
@@ -160,13 +163,13 @@ def run_variants(base: Config, gallery, queries, cache_dir: Path, classifier=Non
             if tune_key not in tuned:
                 tuned[tune_key] = tune_shape(store, config, *variant.shape)
             tuning = tuned[tune_key]
-            reranker = shape_reranker(variant.shape[0], tuning["weight"], store, qf, config, variant.shape[1])
-            config = merge(config, {"search.rerank_top": tuning["top"]})
+            kind, crop = variant.shape
+            config, reranker = shape_search(kind, tuning["weight"], tuning["top"], store, qf, config, crop)
         result = rank_queries(store, qf, config, restriction, reranker=reranker)
         row = {"group": variant.group, "variant": variant.name, "restriction": restriction,
                **{k: round(result.metrics[k], 4) for k in METRIC_KEYS},
                "category_accuracy": category_accuracy(qf) if restriction == "predicted" else None,
-               "n_queries": int(len(result.kept)), "n_gallery": len(store), "feature_key": key,
+               "n_queries": int(len(result.kept)), "n_gallery": len(store.snapshot), "feature_key": key,
                "overrides": dict(variant.features) | dict(variant.search),
                "localization_fallbacks": int(sum("empty->full" in b for b in qf.backends))}
         if tuning:
@@ -180,11 +183,15 @@ def run_variants(base: Config, gallery, queries, cache_dir: Path, classifier=Non
     return rows
 
 
-def shape_reranker(kind: str, weight: float, store, queries, config: Config, crop: bool = False):
-    """The library's fused methods at `weight`, or an experimental kind of shape.py."""
+def shape_search(kind: str, weight: float, top: int, store, queries, config: Config,
+                 crop: bool = False) -> tuple[Config, Optional[Reranker]]:
+    """(config, reranker) that re-rank the top `top` candidates by a kind of the shape study at
+    `weight`: the library's fused methods through the config, the experimental kinds of shape.py
+    as a reranker."""
+    config = merge(config, {"search.rerank_top": top})
     if kind in ("fused", "fused_crop"):
-        return library_reranker(store, queries, merge(config, {"search.rerank": kind, "search.rerank_weight": weight}))
-    return make_reranker(kind, weight, store, queries, crop=crop)
+        return merge(config, {"search.rerank": kind, "search.rerank_weight": weight}), None
+    return config, make_reranker(kind, weight, store, queries, crop=crop)
 
 
 def tune_shape(store, config: Config, kind: str, crop: bool = False) -> dict:
@@ -199,17 +206,15 @@ def tune_shape(store, config: Config, kind: str, crop: bool = False) -> dict:
     weights = SHAPE_GRID[kind]
     fallback = {"weight": weights[len(weights) // 2], "top": 10, "tuned": False, "grid": []}
     try:
-        baseline = rank_queries(store, loo, merge(config, {"search.rerank": "none"}), "off",
-                                use_library_reranker=False, depth=TUNE_DEPTH)
-    except ValueError:  # no gallery product has two images
+        baseline = rank_queries(store, loo, merge(config, {"search.rerank": "none"}), "off", depth=TUNE_DEPTH)
+    except CatalogueError:  # no gallery product has two images
         return fallback
     grid = [{"weight": None, "top": None, **_objective(baseline.metrics)}]
     best = None
     for top in (5, 10, 20):
         for weight in weights:
-            cfg = merge(config, {"search.rerank_top": top})
-            result = rank_queries(store, loo, cfg, "off", reranker=shape_reranker(kind, weight, store, loo, config, crop),
-                                  depth=TUNE_DEPTH)
+            cfg, reranker = shape_search(kind, weight, top, store, loo, config, crop)
+            result = rank_queries(store, loo, cfg, "off", reranker=reranker, depth=TUNE_DEPTH)
             entry = {"weight": weight, "top": top, **_objective(result.metrics)}
             grid.append(entry)
             if best is None or entry["objective"] > best["objective"]:
@@ -241,18 +246,13 @@ def markdown_table(rows: list[dict], reference: Optional[dict] = None) -> str:
     return "\n".join(lines)
 
 
-def run_ablation(args, config: Config, cache_dir: Optional[Path], out: Path) -> list[dict]:
-    """CLI layer of --ablate: read the catalogues, run every row, write ablation.{md,json}."""
+def run_ablation(config: Config, gallery, queries, cache_dir: Optional[Path], out: Path,
+                 workers: int = 2) -> list[dict]:
+    """--ablate: every row on the `queries` catalogue against the `gallery` catalogue (indexed
+    per feature setting), with a progress bar; writes ablation.{md,json} into `out`."""
     from ..console import progress_bar
-    from ..retrieval_eval import read_subset
 
     cache_dir = cache_dir or default_cache_dir()
-    gallery = read_subset(args.gallery, args.subset) if args.gallery else None
-    if gallery is None:
-        from ..errors import CatalogueError
-
-        raise CatalogueError("--ablate re-indexes the gallery per setting: pass --gallery SPEC")
-    queries = read_subset(args.queries, args.subset, args.limit)
     classifier = None
     if config.classify.classifier:
         from ..classify import Classifier
@@ -260,8 +260,7 @@ def run_ablation(args, config: Config, cache_dir: Optional[Path], out: Path) -> 
         classifier = Classifier.load(config.classify.classifier)
     variants = plan(config, classifier is not None)
     with progress_bar(len(variants), "ablation", unit="row") as bar:
-        rows = run_variants(config, gallery, queries, cache_dir, classifier, bar.update, variants,
-                            workers=getattr(args, "workers", 2))
+        rows = run_variants(config, gallery, queries, cache_dir, classifier, bar.update, variants, workers=workers)
     (out / "ablation.json").write_text(json.dumps({"rows": rows, "config": config.to_dict()}, indent=1, default=str))
     (out / "ablation.md").write_text(markdown_table(rows) + "\n")
     log.info("ablation:\n%s", markdown_table(rows))

@@ -4,18 +4,17 @@ U²-Net-p costs ~0.3 s an image here and matting more, while every ablation row 
 localizations. A cache entry is keyed by a digest of the *decoded, downscaled* image array (what
 the localizer actually sees) plus the settings that produce it, so renaming a file costs nothing
 and editing it, or changing a model file or setting, misses the cache instead of returning a
-stale result. Entries are float32 and written atomically: a cached run returns exactly what an
-uncached one would, and an interrupted run leaves no half-written file.
+stale result. Entries are float32 and written atomically and durably (csearch.store.durable): a
+cached run returns exactly what an uncached one would, and an interrupted run leaves no
+half-written file. Model and source files are keyed by `csearch.models.file_sha256`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
-import os
-import tempfile
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +22,8 @@ import numpy as np
 
 from ..localize.base import composite_on_white
 from ..masks import pixel_box
+from ..models import file_sha256
+from ..store.durable import write_bytes_atomic
 from ..types import Localization
 
 
@@ -40,41 +41,29 @@ def settings_digest(settings: Any) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-@lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def file_digest(path: str | Path) -> str:
-    """Content digest of a model file, memoised on (path, size, mtime)."""
-    stat = os.stat(path)
-    return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
 def files_digest(files) -> list[str]:
-    return [file_digest(f) for f in (files or [])]
+    """Content digests of model files (memoised by file_sha256 on path, size and mtime)."""
+    return [file_sha256(f) for f in (files or [])]
 
 
 def source_digest(cls) -> str:
     """Digest of the source file defining `cls`."""
     import inspect
 
-    return file_digest(inspect.getfile(cls))
+    return file_sha256(inspect.getfile(cls))
 
 
 def localize_source_digest() -> str:
     """Digest of csearch.localize's code, the ONNX wrapper u2net.py included: its pre- and
-    post-processing (min-max stretch, minimum object area) are part of every localization."""
-    folder = Path(__file__).resolve().parents[1] / "localize"
-    return settings_digest([file_digest(p) for p in sorted(folder.glob("*.py"))])
+    post-processing (min-max stretch, minimum object area) are part of every localization, and so
+    is csearch.models (the sessions, the registry's input names, mean and std)."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(root.glob("localize/*.py")) + sorted(root.glob("models/*.py"))
+    return settings_digest([file_sha256(p) for p in files])
 
 
 class ArrayCache:
-    """A folder of .npz entries, one per key, written atomically (temp file + rename).
+    """A folder of .npz entries, one per key, written atomically and durably.
 
     With `defer=True` entries are kept in memory until `flush()`, so compressing them never
     lands inside a timed query."""
@@ -112,14 +101,14 @@ class ArrayCache:
     def _write(self, key: str, arrays: dict) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.savez_compressed(out, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes_atomic(path, npz_bytes(arrays))
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    """`arrays` as the bytes of a compressed .npz file."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
 
 
 class CachedSaliency:

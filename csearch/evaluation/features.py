@@ -24,10 +24,12 @@ import numpy as np
 
 from ..config import Config
 from ..data import Catalogue
+from ..models import file_sha256
 from ..pipeline import Models, build_index, embed_prepared, prepare_image
 from ..preprocess import load_image
+from ..store.durable import write_bytes_atomic
 from ..types import Prediction, Record
-from .cache import ArrayCache, CachedExtractor, CachedLocalizer, file_digest, files_digest, settings_digest
+from .cache import ArrayCache, CachedExtractor, CachedLocalizer, files_digest, npz_bytes, settings_digest
 
 log = logging.getLogger("csearch")
 
@@ -44,7 +46,7 @@ def localize_settings(config: Config) -> dict:
     settings = {k: v for k, v in config.to_dict()["localize"].items() if k not in ("crop", "margin")}
     for key in ("model", "matting_model"):
         if settings.get(key):
-            settings[key] = file_digest(settings[key])
+            settings[key] = file_sha256(settings[key])
     return settings
 
 
@@ -55,7 +57,7 @@ def feature_settings(config: Config) -> dict:
     embed.pop("batch_size")
     for key in ("extractor", "weights"):
         if embed.get(key) and Path(embed[key]).is_file():
-            embed[key] = [Path(embed[key]).name, file_digest(embed[key])]
+            embed[key] = [Path(embed[key]).name, file_sha256(embed[key])]
     localize = localize_settings(config)
     localize.update(crop=config.localize.crop, margin=config.localize.margin)
     return {"preprocess": {k: v for k, v in data["preprocess"].items() if k not in ("max_pixels", "min_side")},
@@ -68,9 +70,9 @@ def feature_code_digest() -> str:
     features are keyed by it, so editing that code rebuilds them (cheaply: the per-image
     localization and vector caches have their own keys)."""
     root = Path(__file__).resolve().parents[1]
-    files = sorted(root.glob("localize/*.py")) + [root / n for n in ("preprocess.py", "pipeline.py", "store.py",
-                                                                      "embed.py", "evaluation/cache.py")]
-    return settings_digest([file_digest(f) for f in files if f.is_file()])
+    files = sorted(root.glob("localize/*.py")) + sorted(root.glob("models/*.py")) + sorted(root.glob("store/*.py")) + [
+        root / n for n in ("preprocess.py", "masks.py", "pipeline.py", "embed.py", "evaluation/cache.py")]
+    return settings_digest([file_sha256(f) for f in files if f.is_file()])
 
 
 def catalogue_digest(records: Sequence[Record]) -> str:
@@ -111,7 +113,7 @@ def gallery_index(catalogue: Catalogue, config: Config, models: Models, cache_di
     out = cache_dir / "index" / key
     if (out / "manifest.json").is_file():
         store = IndexStore.open(out)
-        if store.meta.get("complete") and len(store) == len(catalogue.records):
+        if store.snapshot.meta.get("complete") and len(store.snapshot) == len(catalogue.records):
             if progress:
                 progress(len(catalogue.records))
             return store
@@ -126,6 +128,13 @@ def gallery_index(catalogue: Catalogue, config: Config, models: Models, cache_di
 
 
 # ----------------------------------------------------------------------------- queries
+
+
+def prediction_from(probs: np.ndarray, class_names: Sequence[str], top_n: int) -> Prediction:
+    """The top-n classes of one probability vector, as Classifier.predict_top builds them."""
+    order = np.argsort(-probs, kind="stable")[: max(1, top_n)]
+    top = tuple((class_names[i], float(probs[i])) for i in order)
+    return Prediction(category=top[0][0], probability=top[0][1], top=top)
 
 
 @dataclass
@@ -145,12 +154,7 @@ class QueryFeatures:
 
     def prediction(self, row: int, top_n: int) -> Optional[Prediction]:
         """The classifier's prediction for query `row`, as Classifier.predict_top builds it."""
-        if self.probs is None:
-            return None
-        p = self.probs[row]
-        order = np.argsort(-p, kind="stable")[: max(1, top_n)]
-        top = tuple((self.class_names[i], float(p[i])) for i in order)
-        return Prediction(category=top[0][0], probability=top[0][1], top=top)
+        return None if self.probs is None else prediction_from(self.probs[row], self.class_names, top_n)
 
     def save(self, path: Path) -> None:
         arrays = {"vectors": self.vectors, "masks": np.packbits(self.masks.reshape(len(self), -1), axis=1),
@@ -159,10 +163,8 @@ class QueryFeatures:
                   "backends": np.array(json.dumps(self.backends))}
         if self.probs is not None:
             arrays.update(probs=self.probs, class_names=np.array(json.dumps(self.class_names)))
-        tmp = path.with_suffix(".tmp.npz")
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, npz_bytes(arrays))
 
     @classmethod
     def load(cls, path: Path) -> "QueryFeatures":
@@ -228,10 +230,12 @@ def compute_query_features(records: Sequence[Record], config: Config, models: Mo
 
 
 def store_as_queries(store) -> QueryFeatures:
-    """The gallery itself as a query set (leave-one-out tuning on the training gallery)."""
+    """The gallery (an IndexStore) itself as a query set (leave-one-out tuning on the training
+    gallery)."""
     from ..masks import unpack_masks
 
-    records = [Record(p, c, pr) for p, c, pr in zip(store.paths, store.categories, store.products)]
-    masks = unpack_masks(np.asarray(store.mask_bits), store.mask_size)
-    return QueryFeatures(records, np.asarray(store.vectors, np.float32), masks,
-                         np.asarray(store.boxes, np.float32), ["(index)"] * len(records))
+    gallery = store.snapshot
+    records = [Record(p, c, pr) for p, c, pr in zip(gallery.paths, gallery.categories, gallery.products)]
+    masks = unpack_masks(np.asarray(gallery.mask_bits), gallery.mask_size)
+    return QueryFeatures(records, np.asarray(gallery.vectors, np.float32), masks,
+                         np.asarray(gallery.boxes, np.float32), ["(index)"] * len(records))

@@ -22,6 +22,9 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import unknown_name
+from ..masks import mask_iou, mask_iou_cropped, pack_masks
+
 KINDS = ("aspect_fused", "iou_rrf", "iou_gate")
 RRF_K = 60.0  # the usual reciprocal-rank-fusion constant
 
@@ -75,17 +78,18 @@ def iou_gate(distances, ious, weight: float) -> np.ndarray:
 
 
 def make_reranker(kind: str, weight: float, store, queries, crop: bool = False) -> Callable:
-    """A ranking.Reranker for one experimental kind over `store` and `queries` (QueryFeatures)."""
-    from ..masks import mask_iou, mask_iou_cropped, pack_masks
+    """A ranking.Reranker for one experimental kind over the IndexStore `store` and `queries`
+    (QueryFeatures)."""
 
     if kind not in KINDS:
-        raise ValueError(f"unknown shape re-ranker {kind!r}; valid: {', '.join(KINDS)}")
+        raise unknown_name("shape re-ranker", kind, KINDS)
+    gallery = store.snapshot
     query_bits = pack_masks(queries.masks)
-    bits, boxes = np.asarray(store.mask_bits), np.asarray(store.boxes)
+    bits, boxes = np.asarray(gallery.mask_bits), np.asarray(gallery.boxes)
 
     def ious(q, rows):
         if crop:
-            return mask_iou_cropped(query_bits[q], queries.boxes[q], bits[rows], boxes[rows], store.mask_size)
+            return mask_iou_cropped(query_bits[q], queries.boxes[q], bits[rows], boxes[rows], gallery.mask_size)
         return mask_iou(query_bits[q], bits[rows])
 
     def reorder(q: int, rows: np.ndarray, distances: np.ndarray) -> np.ndarray:

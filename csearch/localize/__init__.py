@@ -18,6 +18,7 @@ from typing import Optional
 
 from ..config import LocalizeConfig
 from ..errors import WeightsNotFound, unknown_name
+from ..models import resolve_weights
 from .base import (Localizer, MattingFailed, NoLocalizer, SaliencyLocalizer, composite_on_white,
                    localization_from_alpha)
 from .classical import ClassicalSaliency
@@ -39,8 +40,6 @@ def resolve_model(value: Optional[str], default_name: str) -> Path:
     `csearch.models.resolve_weights`, which raises WeightsNotFound naming where to put the file."""
     if value is not None and not _is_registry_name(value):
         return Path(value).expanduser()  # a path; a missing one is reported by the model class
-    from ..models import resolve_weights  # lazy: the registry pulls in Keras
-
     name = value or default_name
     path = resolve_weights(name, "imagenet")
     if path is None:
@@ -67,7 +66,9 @@ def make_localizer(cfg: LocalizeConfig, threads: Optional[int] = None, input_siz
     if cfg.backend == "classical":
         saliency = ClassicalSaliency()
     else:
-        saliency = U2NetSaliency(resolve_model(cfg.model, DEFAULT_U2NET), input_size=input_size, threads=threads)
+        spec_name = cfg.model if cfg.model and _is_registry_name(cfg.model) else DEFAULT_U2NET  # its interface
+        saliency = U2NetSaliency(resolve_model(cfg.model, DEFAULT_U2NET), input_size=input_size, threads=threads,
+                                 model=spec_name)
     return SaliencyLocalizer(saliency, _make_matting(cfg, threads), cfg.threshold)
 
 

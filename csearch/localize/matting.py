@@ -15,9 +15,12 @@ from typing import Callable, Optional
 import cv2
 import numpy as np
 
-from ..errors import ModelMismatch
+from ..errors import ConfigError, ModelMismatch
+from ..models.onnx_runtime import check_file, dim_matches, graph_io, load_proto, onnx_session
+from ..models.preprocessing import unit_mean_std
+from ..models.registry import get_spec
 from .base import MattingFailed
-from .u2net import MEAN, STD, check_file, dim_matches, graph_io, load_proto, providers, session_options
+from .u2net import DEFAULT_THREADS
 
 LOG = logging.getLogger(__name__)
 BG, UNKNOWN, FG = 0, 128, 255
@@ -47,7 +50,7 @@ def make_trimap(saliency: np.ndarray, threshold: float = 0.5, band: int = 11) ->
     both constraints to say anything.
     """
     if band < 0:
-        raise ValueError(f"band must be >= 0, got {band}")
+        raise ConfigError(f"band must be >= 0, got {band}")
     mask = np.asarray(saliency) > threshold
     inner, outer = band // 2, band - band // 2
     mask_u8 = mask.astype(np.uint8)
@@ -82,7 +85,7 @@ def alpha_pymatting(image: np.ndarray, trimap: np.ndarray, scale: float = 1.0) -
     (measured in docs/results/localize.md).
     """
     if not 0.0 < scale <= 1.0:
-        raise ValueError(f"scale must be in (0, 1], got {scale}")
+        raise ConfigError(f"scale must be in (0, 1], got {scale}")
     _check_pair(image, trimap)
     alpha = (trimap == FG).astype(np.float32)
     unknown = (trimap != FG) & (trimap != BG)
@@ -141,7 +144,9 @@ def _check_pair(image: np.ndarray, trimap: np.ndarray) -> None:
 
 # --- FBA matting (ONNX) ---------------------------------------------------------------------
 
-FBA_INPUTS = {"image": 3, "two_chan_trimap": 2, "image_n": 3, "trimap_transformed": 6}
+FBA_SPEC = get_spec("fba")  # input names (in the order below) and the image_n normalisation
+FBA_INPUTS = dict(zip(FBA_SPEC.onnx_inputs, (3, 2, 3, 6)))  # name -> channels: image, trimap, image_n, distances
+FBA_MEAN, FBA_STD = unit_mean_std(FBA_SPEC.preprocessing)
 FBA_OUTPUT_CHANNELS = 7  # alpha, foreground RGB, background RGB
 FBA_STRIDE = 8
 FBA_L = 320  # the reference code's scale for the click-style distance encoding
@@ -178,8 +183,8 @@ def fba_inputs(image: np.ndarray, trimap: np.ndarray) -> dict[str, np.ndarray]:
     pad = ((0, -height % FBA_STRIDE), (0, -width % FBA_STRIDE))
     rgb = np.pad(image.astype(np.float32) / 255.0, pad + ((0, 0),), mode="edge")
     two_chan = two_channel_trimap(np.pad(trimap, pad, mode="edge"))
-    return {"image": _nchw(rgb), "two_chan_trimap": _nchw(two_chan), "image_n": _nchw((rgb - MEAN) / STD),
-            "trimap_transformed": _nchw(trimap_distance_channels(two_chan))}
+    arrays = (rgb, two_chan, (rgb - FBA_MEAN) / FBA_STD, trimap_distance_channels(two_chan))
+    return {name: _nchw(x) for name, x in zip(FBA_INPUTS, arrays)}
 
 
 def _rank4_with_channels(shape: list, channels: int) -> bool:
@@ -207,15 +212,10 @@ class FBAMatting:
     name = "fba"
 
     def __init__(self, model_path: str | Path, threads: Optional[int] = None):
-        import onnxruntime as ort
-
         path = check_file(model_path, "FBA matting")
         self.files = [path.resolve()]
-        check_fba_io(*graph_io(load_proto(path, "FBA matting")), path)
-        try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers())
-        except Exception as exc:  # onnxruntime's errors (Fail, InvalidGraph...) derive from Exception only
-            raise ModelMismatch(f"{path}: ONNX Runtime cannot load it as FBA: {str(exc).splitlines()[0]}") from None
+        check_fba_io(*graph_io(load_proto(path, "the FBA matting network")), path)
+        self.session = onnx_session(path, "FBA", DEFAULT_THREADS if threads is None else threads)
         self.output_name = self.session.get_outputs()[0].name
 
     def predict(self, image: np.ndarray, trimap: np.ndarray) -> np.ndarray:

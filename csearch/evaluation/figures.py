@@ -33,7 +33,7 @@ def _pyplot():
 
 def thumbnail(path: str, size: int = THUMB) -> np.ndarray:
     """The image squared onto white (as the extractor sees it) at size x size."""
-    from .preprocess import load_image, model_input
+    from ..preprocess import load_image, model_input
 
     return model_input(load_image(path), size, "rgb")
 
@@ -79,7 +79,9 @@ def _query_rows(evaluation, features, queries: int, top: int, row_height: float)
 
 
 def figure9_grid(store, features, evaluation, out: Path, queries: int = 6, top: int = 5) -> Path:
-    """Each query (blue frame) then its top results, green when the same product, else red."""
+    """Each query (blue frame) then its top results in the IndexStore `store`, green when the
+    same product, else red."""
+    gallery = store.snapshot
     fig, rows = _query_rows(evaluation, features, queries, top, row_height=2.1)
     for axes, q, position in rows:
         record = features.records[q]
@@ -88,9 +90,9 @@ def figure9_grid(store, features, evaluation, out: Path, queries: int = 6, top: 
         _frame(axes[0], BLUE)
         for col, gallery_row in enumerate(evaluation.rankings[position][:top], 1):
             ax = axes[col]
-            ax.imshow(thumbnail(store.paths[gallery_row]))
-            correct = store.products[gallery_row] == record.product
-            ax.set_title(f"#{col} {_short(store.products[gallery_row])}", fontsize=7)
+            ax.imshow(thumbnail(gallery.paths[gallery_row]))
+            correct = gallery.products[gallery_row] == record.product
+            ax.set_title(f"#{col} {_short(gallery.products[gallery_row])}", fontsize=7)
             _frame(ax, GREEN if correct else RED)
     fig.suptitle("Query, then its top results (green: same product, red: other)", fontsize=9)
     fig.tight_layout()
@@ -113,15 +115,17 @@ def _overlay(image: np.ndarray, mask: np.ndarray, outline: Optional[np.ndarray] 
 
 def _frame_image(path: str, size: int = THUMB) -> np.ndarray:
     """The full frame resized to a square, matching how masks are stored (full frame, S x S)."""
-    from .preprocess import load_image
+    from ..preprocess import load_image
 
     return cv2.resize(load_image(path), (size, size), interpolation=cv2.INTER_AREA)
 
 
 def figure4_masks(store, features, evaluation, out: Path, queries: int = 3, top: int = 5) -> Path:
-    """Query mask (orange) and each result's mask (orange) with the query's outline (blue)."""
-    from .masks import mask_iou, mask_iou_cropped, pack_masks
+    """Query mask (orange) and each result's mask (orange) with the query's outline (blue);
+    results from the IndexStore `store`."""
+    from ..masks import mask_iou, mask_iou_cropped, pack_masks
 
+    gallery = store.snapshot
     fig, rows = _query_rows(evaluation, features, queries, top, row_height=2.2)
     for axes, q, position in rows:
         record = features.records[q]
@@ -131,14 +135,14 @@ def figure4_masks(store, features, evaluation, out: Path, queries: int = 3, top:
         axes[0].set_title(f"query mask\n{_short(record.product)}", fontsize=7)
         _frame(axes[0], BLUE)
         shown = np.asarray(evaluation.rankings[position][:top])
-        bits = np.asarray(store.mask_bits)[shown]
+        bits = gallery.gather("masks", shown)
         ious = mask_iou(q_bits, bits)
-        crop_ious = mask_iou_cropped(q_bits, features.boxes[q], bits, np.asarray(store.boxes)[shown], store.mask_size)
+        crop_ious = mask_iou_cropped(q_bits, features.boxes[q], bits, gallery.gather("boxes", shown), gallery.mask_size)
         for col, (gallery_row, iou, crop_iou) in enumerate(zip(shown, ious, crop_ious), 1):
             ax = axes[col]
-            ax.imshow(_overlay(_frame_image(store.paths[gallery_row]), store.masks([gallery_row])[0], q_mask))
+            ax.imshow(_overlay(_frame_image(gallery.paths[gallery_row]), gallery.masks([gallery_row])[0], q_mask))
             ax.set_title(f"#{col} IoU {iou:.2f} / crop {crop_iou:.2f}", fontsize=7)
-            _frame(ax, GREEN if store.products[gallery_row] == record.product else RED)
+            _frame(ax, GREEN if gallery.products[gallery_row] == record.product else RED)
     fig.suptitle("Object masks (orange) vs the query's outline (blue): full-frame IoU / box-cropped IoU",
                  fontsize=9)
     fig.tight_layout()
@@ -148,7 +152,7 @@ def figure4_masks(store, features, evaluation, out: Path, queries: int = 3, top:
 def figure6_localization(paths: Sequence[str], localizers: dict, out: Path, work_side: int = 640) -> Path:
     """One row per image: the photo, then each backend's cut-out with its mask outline and the
     backend string it reported (fallbacks visible)."""
-    from .preprocess import downscale_max_side, load_image
+    from ..preprocess import downscale_max_side, load_image
 
     plt = _pyplot()
     names = list(localizers)
@@ -186,8 +190,8 @@ def comparison_localizers(config, cache_dir: Optional[Path] = None) -> dict:
     `cache_dir` is given). U²-Net-p is left out, with a log line, when its file is missing."""
     from dataclasses import replace
 
-    from .errors import WeightsNotFound
-    from .localize import make_localizer
+    from ..errors import WeightsNotFound
+    from ..localize import make_localizer
 
     wanted = {"classical": ("classical", "none"), "u2net-p": ("u2net", "none"),
               "u2net-p + pymatting": ("u2net", "pymatting")}
@@ -200,8 +204,8 @@ def comparison_localizers(config, cache_dir: Optional[Path] = None) -> dict:
             log.warning("figure 6: %s left out (%s)", label, exc)
             continue
         if cache_dir is not None:
-            from .evaluation.cache import ArrayCache, CachedLocalizer
-            from .evaluation.features import localize_settings
+            from .cache import ArrayCache, CachedLocalizer
+            from .features import localize_settings
 
             localizer = CachedLocalizer(localizer, ArrayCache(Path(cache_dir) / "loc"),
                                         localize_settings(replace(config, localize=cfg)))

@@ -1,4 +1,4 @@
-"""Retrieval metrics: small pure functions over a relevance matrix.
+"""Retrieval metrics: small pure functions over a relevance matrix (classifier metrics: confusion.py).
 
 `rel` is a bool array (Q, L): rel[q, i] is True when the i-th result (0-based) of query q is
 relevant (the same product). `n_relevant` (Q,) is R, the number of relevant gallery items per
@@ -31,7 +31,8 @@ def _check(rel: np.ndarray, n_relevant: np.ndarray | None = None) -> tuple[np.nd
     return rel, n_relevant.astype(np.int64)
 
 
-def relevance(rankings: Sequence[Sequence[Hashable]], labels: Sequence[Hashable], depth: int | None = None) -> np.ndarray:
+def relevance(rankings: Sequence[Sequence[Hashable]], labels: Sequence[Hashable],
+              depth: int | None = None) -> np.ndarray:
     """bool (Q, depth): rankings[q][i] == labels[q]; shorter rankings are padded as not relevant."""
     if len(rankings) != len(labels):
         raise ValueError(f"{len(rankings)} rankings for {len(labels)} labels")

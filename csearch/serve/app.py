@@ -1,0 +1,303 @@
+"""The HTTP routes, their JSON models and the web page, on a `Service`; `run_server` serves them."""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..errors import unknown_name
+from ..pipeline import Engine
+from ..search import RERANK_METHODS
+from .errors import ApiError, install_error_handlers
+from .images import THUMBNAIL_SIDE
+from .limits import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_QUEUE_LIMIT,
+    FORM_OVERHEAD,
+    MAX_ID,
+    MAX_K,
+    MAX_LABEL,
+    MAX_RERANK_TOP,
+    BodyLimit,
+    read_upload,
+)
+from .service import Service, public_item
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"  # package data: csearch/static/
+
+
+# ----------------------------------------------------------------------------- response models
+
+
+class HitOut(BaseModel):
+    id: int
+    product: Optional[str]
+    category: Optional[str]
+    distance: Optional[float]
+    iou: Optional[float]
+    score: Optional[float]
+    image_url: str
+    thumbnail_url: str
+    mask_url: str
+
+
+class SearchOut(BaseModel):
+    category: Optional[str]
+    results: list[HitOut]
+    timings_ms: dict[str, float]
+    cutout: Optional[str] = None
+    query_mask: Optional[str] = None
+    localizer: Optional[str] = None
+
+
+class ItemOut(BaseModel):
+    id: int
+    product: Optional[str]
+    category: Optional[str]
+    image_url: str
+    thumbnail_url: str
+    mask_url: str
+
+
+class AddedOut(ItemOut):
+    items: int
+
+
+class RemovedOut(BaseModel):
+    id: int
+    removed: bool
+    items: int
+
+
+class ErrorOut(BaseModel):
+    error: str
+    type: str
+
+
+UPLOAD_ERRORS = {code: {"model": ErrorOut} for code in (413, 415, 422, 503)}
+ID_ERRORS = {code: {"model": ErrorOut} for code in (404, 422)}
+ItemId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="item id (from a search or an add)")]
+
+
+def require_multipart(request: Request) -> None:
+    """415 for anything but a multipart form, rather than a confusing 'field required'; and
+    parameters in the URL are refused, not silently ignored (they belong in the form)."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"expected a multipart/form-data upload with a 'file' field, got content-type {ctype or 'none'!r}",
+        )
+    if request.query_params:
+        names = ", ".join(sorted(request.query_params.keys()))
+        raise ApiError(422, "bad_parameter", f"{names}: send parameters as multipart form fields, not in the URL")
+
+
+def _label(value: str, field: str) -> str:
+    value = value.strip()
+    if not value or any(ord(ch) < 32 for ch in value):
+        raise ApiError(422, "bad_parameter", f"{field}: must be a non-empty name without control characters")
+    return value
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(
+    engine: Engine,
+    workers: int = 2,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    queue_limit: int = DEFAULT_QUEUE_LIMIT,
+    model_factory: Optional[Callable[[], object]] = None,
+) -> FastAPI:
+    """The HTTP API and web page on an opened Engine. `workers` threads each get their own models
+    (`model_factory`, default: load the index's models again); see the module docstring."""
+    service = Service(engine, workers, queue_limit, max_upload_bytes, model_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        service.pool.shutdown()
+
+    app = FastAPI(
+        title="csearch",
+        version=__version__,
+        lifespan=lifespan,
+        description="Find the same product in a catalogue from one photo "
+        "(localize, classify, restricted exact KNN, mask-IoU re-ranking).",
+    )
+    app.state.service = service
+    app.add_middleware(BodyLimit, limit=service.max_upload_bytes + FORM_OVERHEAD)
+    install_error_handlers(app)
+    _add_search_routes(app, service)
+    _add_item_routes(app, service)
+    _add_info_routes(app, service)
+    return app
+
+
+def _add_search_routes(app: FastAPI, service: Service) -> None:
+    @app.post(
+        "/search",
+        response_model=SearchOut,
+        responses=UPLOAD_ERRORS,
+        dependencies=[Depends(require_multipart)],
+        summary="Find the catalogue items matching a photo",
+    )
+    async def search(
+        file: Annotated[UploadFile, File(description="the photo (any format Pillow reads)")],
+        k: Annotated[Optional[int], Form(ge=1, le=MAX_K, description="number of results")] = None,
+        category: Annotated[
+            Optional[str], Form(max_length=MAX_LABEL, description="search this category instead of the predicted one")
+        ] = None,
+        rerank: Annotated[Optional[str], Form(description=f"one of {', '.join(RERANK_METHODS)}")] = None,
+        rerank_top: Annotated[Optional[int], Form(ge=1, le=MAX_RERANK_TOP)] = None,
+        restrict: Annotated[Optional[bool], Form(description="restrict to the predicted category")] = None,
+        visuals: Annotated[bool, Form(description="also return the cut-out and the query mask")] = False,
+    ):
+        if rerank is not None and rerank not in RERANK_METHODS:
+            raise unknown_name("rerank method", rerank, RERANK_METHODS)
+        switches = {"rerank": rerank, "rerank_top": rerank_top, "restrict": restrict}
+        switches = {key: value for key, value in switches.items() if value is not None}
+        with service.pool.admit() as slot:  # 503 before the upload is read into memory
+            data = await read_upload(file, service.max_upload_bytes)
+            payload, waited_ms = await service.pool.run(
+                slot, service.search_job, data, k, category or None, switches, visuals
+            )
+        payload["timings_ms"]["queue"] = round(waited_ms, 3)
+        return payload
+
+
+def _add_item_routes(app: FastAPI, service: Service) -> None:
+    @app.post(
+        "/items",
+        status_code=201,
+        response_model=AddedOut,
+        responses=UPLOAD_ERRORS,
+        dependencies=[Depends(require_multipart)],
+        summary="Add an image to the index (durable)",
+    )
+    async def add_item(
+        file: Annotated[UploadFile, File(description="the catalogue image")],
+        product: Annotated[str, Form(min_length=1, max_length=MAX_LABEL)],
+        category: Annotated[str, Form(min_length=1, max_length=MAX_LABEL)],
+    ):
+        product, category = _label(product, "product"), _label(category, "category")
+        with service.pool.admit() as slot:
+            data = await read_upload(file, service.max_upload_bytes)
+            payload, _ = await service.pool.run(slot, service.add_job, data, product, category)
+        return JSONResponse(payload, status_code=201, headers={"Location": f"/items/{payload['id']}"})
+
+    @app.delete(
+        "/items/{item_id}",
+        response_model=RemovedOut,
+        responses=ID_ERRORS,
+        summary="Remove an item from the index (durable)",
+    )
+    async def remove_item(item_id: ItemId):
+        return await run_in_threadpool(service.remove, item_id)  # fsyncs: off the event loop
+
+    @app.get("/items/{item_id}", response_model=ItemOut, responses=ID_ERRORS, summary="An item's labels and URLs")
+    async def get_item(item_id: ItemId):
+        item, _, _ = service.item(item_id)
+        return public_item(item)
+
+    @app.get(
+        "/items/{item_id}/image", responses=ID_ERRORS, response_class=FileResponse, summary="The item's catalogue image"
+    )
+    async def item_image(item_id: ItemId):
+        path = service.image_path(item_id)
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get(
+        "/items/{item_id}/thumbnail", responses=ID_ERRORS, summary=f"The item's image, at most {THUMBNAIL_SIDE} px"
+    )
+    async def item_thumbnail(item_id: ItemId):
+        data = await run_in_threadpool(service.thumbnail, item_id)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get(
+        "/items/{item_id}/mask",
+        responses=ID_ERRORS,
+        summary="The item's object mask as the re-ranker compares it (RGBA PNG, mask_size px)",
+    )
+    async def item_mask(item_id: ItemId):
+        return Response(service.mask_png(item_id), media_type="image/png")
+
+
+def _add_info_routes(app: FastAPI, service: Service) -> None:
+    @app.get("/health", summary="Liveness and load")
+    async def health():
+        return service.health()
+
+    @app.get("/stats", summary="Items, categories, models and index size")
+    async def stats():
+        return await run_in_threadpool(service.stats)  # walks INDEX_DIR: off the event loop
+
+    page_headers = {
+        "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-cache",
+    }
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=page_headers)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_server(
+    index_dir,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 2,
+    *,
+    queue_limit: int = DEFAULT_QUEUE_LIMIT,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    log_level: str = "info",
+) -> None:
+    """Open the index and its models once, then serve until interrupted (uvicorn, one process)."""
+    import uvicorn
+
+    engine = Engine.open(index_dir)
+    app = create_app(engine, workers=workers, max_upload_bytes=max_upload_bytes, queue_limit=queue_limit)
+    log.info(
+        "csearch: serving %d item(s) from %s on http://%s:%d (%d worker(s), queue %d)",
+        len(engine.store.snapshot),
+        index_dir,
+        host,
+        port,
+        workers,
+        queue_limit,
+    )
+    # last-resort guard on open connections; the pool's 503 (with a JSON body) normally acts first
+    limit = max(128, 4 * (workers + queue_limit))
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        limit_concurrency=limit,
+        timeout_keep_alive=5,
+        server_header=False,
+    )

@@ -1,0 +1,69 @@
+"""`python -m csearch.train classifier`: train the paper's category classifier.
+
+    python -m csearch.train classifier --data SPEC --backbone NAME --out RUN_DIR
+        [--weights imagenet|none|PATH] [--config FILE] [--epochs N] [--batch-size N]
+        [--image-size N] [--color rgb|gray] [--freeze-backbone | --unfreeze N] [--val SPEC]
+        [--seed N] [--set KEY=VALUE ...] [--json]
+
+An interrupted run resumes when the same command is run again with the same --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from ..console import parse_sets, quiet_frameworks, run_command
+from .classifier import log, train_classifier
+from .config import load_train_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m csearch.train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("classifier", help="train the category classifier (the paper's head on a backbone)")
+    p.add_argument("--data", required=True, metavar="SPEC", help="training catalogue (folder, CSV, Grocery .txt)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="output folder; the same --out resumes")
+    p.add_argument("--backbone", help="registered backbone (default mobilenetv2)")
+    p.add_argument("--weights", help="imagenet | none | weights file (default imagenet)")
+    p.add_argument("--config", metavar="FILE", help="YAML with train settings; flags override it")
+    p.add_argument("--epochs", type=int, help="maximum epochs (early stopping ends sooner)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--image-size", type=int, help="input side (default: the backbone's native size)")
+    p.add_argument("--color", help="rgb | gray")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--freeze-backbone", action="store_true", default=None, help="train the head only")
+    group.add_argument("--unfreeze", type=int, metavar="N", help="also train the top N backbone layers (-1: all)")
+    p.add_argument("--val", metavar="SPEC", help="validation catalogue (default: stratified split of --data)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="any other train setting, e.g. --set copies=2 (see TrainConfig)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = {**parse_sets(args.set), "backbone": args.backbone, "weights": args.weights,
+                 "epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size,
+                 "color": args.color, "val": args.val, "seed": args.seed}
+    if args.freeze_backbone:
+        overrides["freeze_backbone"] = True
+    if args.unfreeze is not None:
+        overrides.update(unfreeze=args.unfreeze, freeze_backbone=False)
+    config = load_train_config(args.config, overrides)
+    summary = train_classifier(config, args.data, args.out, log.info, args.command_line)
+    if args.json:
+        args.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """One-line errors (exit 2), Ctrl-C resumable (exit 130), stdout kept for --json: the
+    shared csearch.console.run_command."""
+    quiet_frameworks()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = "python -m csearch.train " + " ".join(argv)
+    return run_command(_run, args, "run the same command again to resume")
