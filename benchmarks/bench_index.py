@@ -42,8 +42,14 @@ WORKERS = 2  # build_index's decode+localize threads (its default)
 def real_config(args):
     """csearch's defaults (U²-Net-p, views cut-out + photo), with the models in ../shared/models."""
     os.environ.setdefault("CSEARCH_HOME", str(SHARED / "models"))
-    return load_config(overrides={"embed.extractor": args.extractor, "localize.backend": "u2net",
-                                  "localize.matting": args.matting, "embed.views": args.views})
+    return load_config(
+        overrides={
+            "embed.extractor": args.extractor,
+            "localize.backend": "u2net",
+            "localize.matting": args.matting,
+            "embed.views": args.views,
+        }
+    )
 
 
 def packages(spec: str, n: int) -> Catalogue:
@@ -77,8 +83,12 @@ def bare_forward(models, records, batch: int, views: int) -> dict:
         start = time.perf_counter()
         models.extractor(crops)
         ex.append((time.perf_counter() - start) / batch)
-    return {"u2netp_ms": median_ms(u2), "extractor_ms_per_image": median_ms(ex), "views": views,
-            "bound_images_per_s": 1.0 / (statistics.median(u2) + views * statistics.median(ex))}
+    return {
+        "u2netp_ms": median_ms(u2),
+        "extractor_ms_per_image": median_ms(ex),
+        "views": views,
+        "bound_images_per_s": 1.0 / (statistics.median(u2) + views * statistics.median(ex)),
+    }
 
 
 def pad_with_synthetic(engine: Engine, total: int, seed: int = 0) -> int:
@@ -97,13 +107,19 @@ def pad_with_synthetic(engine: Engine, total: int, seed: int = 0) -> int:
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         centres = rng.uniform(0.3, 0.7, (n, 2)) * size
         radii = rng.uniform(0.15, 0.4, (n, 2)) * size
-        masks = (((xx[None] - centres[:, 0, None, None]) / radii[:, 0, None, None]) ** 2 +
-                 ((yy[None] - centres[:, 1, None, None]) / radii[:, 1, None, None]) ** 2) <= 1
+        masks = (
+            ((xx[None] - centres[:, 0, None, None]) / radii[:, 0, None, None]) ** 2
+            + ((yy[None] - centres[:, 1, None, None]) / radii[:, 1, None, None]) ** 2
+        ) <= 1
         boxes = np.concatenate([(centres - radii) / size, (centres + radii) / size], axis=1).clip(0, 1)
-        store.add(vectors=vectors, masks=masks, boxes=boxes.astype(np.float32),
-                  paths=[f"/synthetic/{start + i}.jpg" for i in range(n)],
-                  categories=[categories[i % len(categories)] for i in range(n)],
-                  products=[f"synthetic-{start + i}" for i in range(n)])
+        store.add(
+            vectors=vectors,
+            masks=masks,
+            boxes=boxes.astype(np.float32),
+            paths=[f"/synthetic/{start + i}.jpg" for i in range(n)],
+            categories=[categories[i % len(categories)] for i in range(n)],
+            products=[f"synthetic-{start + i}" for i in range(n)],
+        )
     return missing
 
 
@@ -114,8 +130,10 @@ def query_latency(engine: Engine, records, warmup: int = 2) -> dict:
     for record in records:
         for stage, ms in engine.query(record.path).timings_ms.items():
             per_stage.setdefault(stage, []).append(ms)
-    return {stage: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95))}
-            for stage, v in per_stage.items()}
+    return {
+        stage: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95))}
+        for stage, v in per_stage.items()
+    }
 
 
 def bytes_per_image(index_dir: Path, n: int, dim: int) -> float:
@@ -164,8 +182,13 @@ def main() -> int:
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "load_average_at_end": os.getloadavg(),
-        "config": {"extractor": args.extractor, "localizer": "u2netp@320", "matting": args.matting,
-                   "views": args.views, "vector_dim": dim},
+        "config": {
+            "extractor": args.extractor,
+            "localizer": "u2netp@320",
+            "matting": args.matting,
+            "views": args.views,
+            "vector_dim": dim,
+        },
         "bare_models": bare,
         "indexing_images_per_s": indexing,
         "indexing_vs_bound": indexing / bare["bound_images_per_s"],
@@ -174,7 +197,8 @@ def main() -> int:
         "indexing_vs_parallel_bound": indexing / (parallel * bare["bound_images_per_s"]),
         "indexed_images": report.added,
         "bytes_per_image_beyond_vector": extra,
-        "gallery_items": len(engine.store), "synthetic_padding": padded,
+        "gallery_items": len(engine.store),
+        "synthetic_padding": padded,
         "query_latency_ms": latency,
         "command": "python " + " ".join(sys.argv),
     }

@@ -68,7 +68,7 @@ def pick(folder: Path, pattern: str, count: int) -> list[Path]:
 
 def bench_u2net(models: dict, image: np.ndarray, rotation: int, rec: dict) -> np.ndarray:
     keys = list(models)
-    keys = keys[rotation % len(keys):] + keys[:rotation % len(keys)]
+    keys = keys[rotation % len(keys) :] + keys[: rotation % len(keys)]
     maps = {}
     for key in keys:
         maps[key], seconds, cpu = timed(models[key].predict, image)
@@ -95,7 +95,7 @@ def bench_matting(image: np.ndarray, saliency: np.ndarray, rotation: int, rec: d
     rec.setdefault("uncertain_width_px", []).append(width)
     reference = saliency > 0.5
     configs = [(str(b), b, 1.0) for b in BANDS] + [HALF]
-    configs = configs[rotation % len(configs):] + configs[:rotation % len(configs)]
+    configs = configs[rotation % len(configs) :] + configs[: rotation % len(configs)]
     for label, band, scale in configs:
         start, cpu = time.perf_counter(), time.process_time()
         trimap = make_trimap(saliency, 0.5, band)
@@ -106,7 +106,8 @@ def bench_matting(image: np.ndarray, saliency: np.ndarray, rotation: int, rec: d
         rec.setdefault(f"matting_{label}_unknown_frac", []).append(float(unknown.mean()))
         rec.setdefault(f"matting_{label}_iou_vs_saliency", []).append(iou(alpha > 0.5, reference))
         rec.setdefault(f"matting_{label}_covers_uncertain", []).append(
-            float((zone & unknown).sum() / max(1, zone.sum())))
+            float((zone & unknown).sum() / max(1, zone.sum()))
+        )
 
 
 def bench_classical(classical, image: np.ndarray, saliency: np.ndarray, rec: dict, prefix: str) -> None:
@@ -158,9 +159,9 @@ def composite(product: np.ndarray, background: np.ndarray, rng) -> tuple[np.ndar
     left = (width - size[0]) // 2 + int(rng.integers(-width // 10, width // 10 + 1))
     top, left = int(np.clip(top, 0, height - size[1])), int(np.clip(left, 0, width - size[0]))
     alpha = np.zeros((height, width), np.float32)
-    alpha[top:top + size[1], left:left + size[0]] = soft
+    alpha[top : top + size[1], left : left + size[0]] = soft
     image = background.astype(np.float32).copy()
-    window = image[top:top + size[1], left:left + size[0]]
+    window = image[top : top + size[1], left : left + size[0]]
     window[:] = soft[:, :, None] * crop + (1 - soft[:, :, None]) * window
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), alpha
 
@@ -186,8 +187,12 @@ def summarize(rec: dict) -> dict:
     out = {}
     for key, values in rec.items():
         if isinstance(values, list) and values:
-            out[key] = {"median": statistics.median(values), "mean": float(np.mean(values)),
-                        "p90": float(np.percentile(values, 90)), "n": len(values)}
+            out[key] = {
+                "median": statistics.median(values),
+                "mean": float(np.mean(values)),
+                "p90": float(np.percentile(values, 90)),
+                "n": len(values),
+            }
         else:
             out[key] = values
     return out
@@ -195,38 +200,58 @@ def summarize(rec: dict) -> dict:
 
 def print_tables(summary: dict) -> None:
     med = lambda key: summary[key]["median"] if key in summary else float("nan")  # noqa: E731
-    print("\n| U²-Net-p input | 1 thread: wall (s) | CPU (s) | 2 threads: wall (s) | CPU (s) | mask IoU vs 320 |\n"
-          "|---|---|---|---|---|---|")
+    print(
+        "\n| U²-Net-p input | 1 thread: wall (s) | CPU (s) | 2 threads: wall (s) | CPU (s) | mask IoU vs 320 |\n"
+        "|---|---|---|---|---|---|"
+    )
     for size in SIZES:
         agreement = "1" if size == 320 else f"{med(f'iou_{size}_vs_320'):.3f}"
-        cells = " | ".join(f"{med(f'u2net_{size}_t{t}{kind}'):.3f}" if (size, t) in U2NET_CONFIGS else "-"
-                           for t in THREADS for kind in ("_s", "_cpu_s"))
+        cells = " | ".join(
+            f"{med(f'u2net_{size}_t{t}{kind}'):.3f}" if (size, t) in U2NET_CONFIGS else "-"
+            for t in THREADS
+            for kind in ("_s", "_cpu_s")
+        )
         print(f"| {size} | {cells} | {agreement} |")
-    print(f"\nthroughput at 320: 2 workers x 1 thread {summary['throughput_2workers_x1thread_img_per_s']:.2f} img/s, "
-          f"1 worker x 2 threads {summary['throughput_1worker_x2threads_img_per_s']:.2f} img/s")
+    print(
+        f"\nthroughput at 320: 2 workers x 1 thread {summary['throughput_2workers_x1thread_img_per_s']:.2f} img/s, "
+        f"1 worker x 2 threads {summary['throughput_1worker_x2threads_img_per_s']:.2f} img/s"
+    )
     print(f"U²-Net-p uncertain zone (0.05<s<0.95) mean width: median {med('uncertain_width_px'):.1f} px")
-    print("\n| band | matting wall (s) | p90 (s) | CPU (s) | unknown px | IoU vs saliency | covers uncertain zone |\n"
-          "|---|---|---|---|---|---|---|")
+    print(
+        "\n| band | matting wall (s) | p90 (s) | CPU (s) | unknown px | IoU vs saliency | covers uncertain zone |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for label in [str(b) for b in BANDS] + [HALF[0]]:
         key = f"matting_{label}"
-        print(f"| {label} | {med(key + '_s'):.3f} | {summary[key + '_s']['p90']:.3f} | {med(key + '_cpu_s'):.3f} | "
-              f"{med(key + '_unknown_frac'):.1%} | {med(key + '_iou_vs_saliency'):.3f} | "
-              f"{med(key + '_covers_uncertain'):.1%} |")
+        print(
+            f"| {label} | {med(key + '_s'):.3f} | {summary[key + '_s']['p90']:.3f} | {med(key + '_cpu_s'):.3f} | "
+            f"{med(key + '_unknown_frac'):.1%} | {med(key + '_iou_vs_saliency'):.3f} | "
+            f"{med(key + '_covers_uncertain'):.1%} |"
+        )
     if "gt_u2net320_iou" in summary:
-        print(f"\nagainst the true mask ({summary['gt_u2net320_iou']['n']} composites)\n"
-              "| localization | IoU median | IoU mean | alpha MAE |\n|---|---|---|---|")
+        print(
+            f"\nagainst the true mask ({summary['gt_u2net320_iou']['n']} composites)\n"
+            "| localization | IoU median | IoU mean | alpha MAE |\n|---|---|---|---|"
+        )
         rows = [(f"U²-Net-p {s}, no matting", f"gt_u2net{s}") for s in SIZES]
         rows += [(f"U²-Net-p 320 + pymatting band {b}", f"gt_band{b}") for b in [*map(str, BANDS), HALF[0]]]
         for label, key in rows:
-            print(f"| {label} | {med(key + '_iou'):.3f} | {summary[key + '_iou']['mean']:.3f} | "
-                  f"{summary[key + '_mae']['mean']:.4f} |")
+            print(
+                f"| {label} | {med(key + '_iou'):.3f} | {summary[key + '_iou']['mean']:.3f} | "
+                f"{summary[key + '_mae']['mean']:.4f} |"
+            )
     for prefix in ("classical_instore", "classical_iconic"):
         if f"{prefix}_s" in summary:
-            agreement = (f"median {med(prefix + '_iou_vs_u2net'):.3f}" if prefix + "_iou_vs_u2net" in summary
-                         else "n/a (no mask)")
+            agreement = (
+                f"median {med(prefix + '_iou_vs_u2net'):.3f}"
+                if prefix + "_iou_vs_u2net" in summary
+                else "n/a (no mask)"
+            )
             empty = np.mean(summary[prefix + "_empty_all"])
-            print(f"\n{prefix}: {med(prefix + '_s'):.3f} s, empty->full rate {empty:.0%}, "
-                  f"IoU vs U²-Net-p (non-empty) {agreement}")
+            print(
+                f"\n{prefix}: {med(prefix + '_s'):.3f} s, empty->full rate {empty:.0%}, "
+                f"IoU vs U²-Net-p (non-empty) {agreement}"
+            )
 
 
 def main(argv=None) -> int:
@@ -258,8 +283,9 @@ def main(argv=None) -> int:
         bench_classical(classical, image, saliency, rec, "classical_instore")
     for image in iconic:
         bench_classical(classical, image, models[(320, 1)].predict(image), rec, "classical_iconic")
-    products = [load_image(p) for p in pick(args.data / "iconic-images-and-descriptions", "*/*/*/*.jpg",
-                                            2 * args.composites)]
+    products = [
+        load_image(p) for p in pick(args.data / "iconic-images-and-descriptions", "*/*/*/*.jpg", 2 * args.composites)
+    ]
     backgrounds = [load_image(p) for p in pick(args.data / "train", "*/*/*/*.jpg", 40)]
     bench_composites(models, products, backgrounds, args.composites, rec)
     bench_throughput(args.model, photos[:10], rec)
@@ -267,13 +293,22 @@ def main(argv=None) -> int:
     summary = summarize(rec)
     for prefix in ("classical_instore", "classical_iconic"):
         summary[prefix + "_empty_all"] = rec[prefix + "_empty"]
-    summary["meta"] = {"images": len(photos), "iconic": len(iconic), "composites": len(rec.get("gt_u2net320_iou", [])),
-                       "cpu_count": os.cpu_count(),
-                       "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                       "total_s": time.perf_counter() - started, "argv": sys.argv}
+    summary["meta"] = {
+        "images": len(photos),
+        "iconic": len(iconic),
+        "composites": len(rec.get("gt_u2net320_iou", [])),
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "total_s": time.perf_counter() - started,
+        "argv": sys.argv,
+    }
     print_tables(summary)
-    print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
-          f"total {summary['meta']['total_s']:.0f} s", file=sys.stderr)
+    print(
+        f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+        f"total {summary['meta']['total_s']:.0f} s",
+        file=sys.stderr,
+    )
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "per_image": rec}, indent=1, default=float))
     return 0

@@ -45,8 +45,11 @@ def bench_extractors(names, batch_size: int, repeats: int) -> dict:
             continue
         size = extractor.input_size
         batch = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
-        results[name] = {"weights": "file" if extractor.files else "random", "input_size": size,
-                         "images_per_s": round(_rate(extractor, batch, repeats), 1)}
+        results[name] = {
+            "weights": "file" if extractor.files else "random",
+            "input_size": size,
+            "images_per_s": round(_rate(extractor, batch, repeats), 1),
+        }
         print(name, results[name], file=sys.stderr)
     return results
 
@@ -99,12 +102,15 @@ def main(argv=None) -> None:
     names = [n for n in args.models.split(",") if n]
     report = {"extractors": bench_extractors(names, args.batch_size, args.repeats)}
     if args.calls:
-        report["onnx_per_image"] = {n: bench_onnx_per_image(n, args.batch_size, args.repeats)
-                                    for n in names if models.get_spec(n).role == "onnx_extractor"
-                                    and models.find_weights(n)}
+        report["onnx_per_image"] = {
+            n: bench_onnx_per_image(n, args.batch_size, args.repeats)
+            for n in names
+            if models.get_spec(n).role == "onnx_extractor" and models.find_weights(n)
+        }
     if args.calls:
-        report["calls"] = {n: bench_calls(n, args.batch_size, args.repeats)
-                           for n in names if models.get_spec(n).is_keras}
+        report["calls"] = {
+            n: bench_calls(n, args.batch_size, args.repeats) for n in names if models.get_spec(n).is_keras
+        }
     print(json.dumps(report, indent=1))
 
 

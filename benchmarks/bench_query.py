@@ -35,8 +35,11 @@ sys.path.insert(0, str(REPO))
 
 def percentiles(values) -> dict:
     values = np.asarray(values, np.float64)
-    return {"p50": round(float(np.percentile(values, 50)), 3), "p95": round(float(np.percentile(values, 95)), 3),
-            "mean": round(float(values.mean()), 3)}
+    return {
+        "p50": round(float(np.percentile(values, 50)), 3),
+        "p95": round(float(np.percentile(values, 95)), 3),
+        "mean": round(float(values.mean()), 3),
+    }
 
 
 def padded_store(base_store, size: int, folder: Path, seed: int = 0):
@@ -61,9 +64,14 @@ def padded_store(base_store, size: int, folder: Path, seed: int = 0):
         if synthetic.any():
             noise = rng.standard_normal((int(synthetic.sum()), base.dim)).astype(np.float32)
             vectors[synthetic] = noise / np.linalg.norm(noise, axis=1, keepdims=True)
-        store.add(vectors=vectors, masks=base.masks(rows), boxes=np.asarray(base.boxes[rows]),
-                  paths=[f"{base.paths[r]}#{i}" for i, r in zip(range(start, stop), rows)],
-                  categories=[base.categories[r] for r in rows], products=[base.products[r] for r in rows])
+        store.add(
+            vectors=vectors,
+            masks=base.masks(rows),
+            boxes=np.asarray(base.boxes[rows]),
+            paths=[f"{base.paths[r]}#{i}" for i, r in zip(range(start, stop), rows)],
+            categories=[base.categories[r] for r in rows],
+            products=[base.products[r] for r in rows],
+        )
     store.compact()
     return IndexStore.open(folder)
 
@@ -154,10 +162,12 @@ def main(argv=None) -> int:
     for size in (int(s) for s in args.sizes.split(",")):
         store = padded_store(base, size, args.work / f"pad-{size}")
         sized = Engine(store, engine.config, engine.models)
-        entry = {"search_ms": search_stages(sized, prepared, plain, 3),
-                 "search_faiss_ms": search_stages(sized, prepared, plain_faiss, 3),
-                 "search_iou_top10_ms": search_stages(sized, prepared, iou, 3),
-                 "knn_qps": knn_throughput(np.asarray(store.snapshot.vectors), query_vectors)}
+        entry = {
+            "search_ms": search_stages(sized, prepared, plain, 3),
+            "search_faiss_ms": search_stages(sized, prepared, plain_faiss, 3),
+            "search_iou_top10_ms": search_stages(sized, prepared, iou, 3),
+            "knn_qps": knn_throughput(np.asarray(store.snapshot.vectors), query_vectors),
+        }
         report["sizes"][size] = entry
         print(size, json.dumps(entry), file=sys.stderr, flush=True)
     # the evaluation's own overhead: full-depth ranking + metrics per query vs the bare search
@@ -167,7 +177,8 @@ def main(argv=None) -> int:
     ranking_ms = (time.perf_counter() - started) * 1e3 / max(len(result.kept), 1)
     report["evaluation_overhead_ms_per_query"] = {
         "rank_queries_full_depth_plus_metrics": round(ranking_ms, 3),
-        "bare_engine_search_p50": report["sizes"][min(report["sizes"])]["search_ms"]["search"]["p50"]}
+        "bare_engine_search_p50": report["sizes"][min(report["sizes"])]["search_ms"]["search"]["p50"],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out / "speed.png")
@@ -183,18 +194,24 @@ def plot(report: dict, path: Path) -> None:
 
     sizes = sorted(int(s) for s in report["sizes"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label in (("search_ms", "Engine.search, numpy"), ("search_faiss_ms", "Engine.search, faiss"),
-                       ("search_iou_top10_ms", "Engine.search, numpy + IoU top-10")):
+    for key, label in (
+        ("search_ms", "Engine.search, numpy"),
+        ("search_faiss_ms", "Engine.search, faiss"),
+        ("search_iou_top10_ms", "Engine.search, numpy + IoU top-10"),
+    ):
         total = [report["sizes"][s][key]["search"]["p50"] + report["sizes"][s][key]["rerank"]["p50"] for s in sizes]
         axes[0].plot(sizes, total, marker="o", label=label)
     image = sum(v["p50"] for v in report["image_stages_ms"].values())
     axes[0].axhline(image, color="gray", linestyle="--", label=f"image stages p50 ({image:.0f} ms)")
-    axes[0].set(xscale="log", yscale="log", xlabel="gallery size", ylabel="ms per query (p50)",
-                title="query latency")
+    axes[0].set(xscale="log", yscale="log", xlabel="gallery size", ylabel="ms per query (p50)", title="query latency")
     axes[0].legend(fontsize=7)
     for name in report["sizes"][sizes[0]]["knn_qps"]:
-        axes[1].plot(sizes, [report["sizes"][s]["knn_qps"][name]["single_qps"] for s in sizes], marker="o",
-                     label=f"{name} (one query at a time)")
+        axes[1].plot(
+            sizes,
+            [report["sizes"][s]["knn_qps"][name]["single_qps"] for s in sizes],
+            marker="o",
+            label=f"{name} (one query at a time)",
+        )
     axes[1].set(xscale="log", yscale="log", xlabel="gallery size", ylabel="queries / s", title="exact KNN throughput")
     axes[1].legend(fontsize=7)
     fig.tight_layout()

@@ -50,15 +50,52 @@ CASES = {
     "catalogue": ("classes.csv", None),
     "catalogue-packages": ("classes.csv", "/Packages/"),
 }
-PLAIN = ["--localizer", "none", "--matting", "none", "--color", "rgb", "--extractor", "mobilenet",
-         "--rerank", "none"]
-PHOTO = ["--localizer", "none", "--matting", "none", "--color", "rgb", "--extractor", "efficientnet_lite0",
-         "--rerank", "none"]
-CUTOUT = ["--localizer", "u2net", "--matting", "none", "--color", "rgb", "--extractor", "efficientnet_lite0",
-          "--set", "localize.crop=true", "--rerank", "none"]
+PLAIN = ["--localizer", "none", "--matting", "none", "--color", "rgb", "--extractor", "mobilenet", "--rerank", "none"]
+PHOTO = [
+    "--localizer",
+    "none",
+    "--matting",
+    "none",
+    "--color",
+    "rgb",
+    "--extractor",
+    "efficientnet_lite0",
+    "--rerank",
+    "none",
+]
+CUTOUT = [
+    "--localizer",
+    "u2net",
+    "--matting",
+    "none",
+    "--color",
+    "rgb",
+    "--extractor",
+    "efficientnet_lite0",
+    "--set",
+    "localize.crop=true",
+    "--rerank",
+    "none",
+]
 CUTOUT += ["--set", "embed.views=cutout"]
-PAPER = ["--localizer", "u2net", "--matting", "pymatting", "--color", "gray", "--extractor", "mobilenet",
-         "--rerank", "iou", "--rerank-top", "10", "--set", "embed.views=cutout", "--set", "classify.input=cutout"]
+PAPER = [
+    "--localizer",
+    "u2net",
+    "--matting",
+    "pymatting",
+    "--color",
+    "gray",
+    "--extractor",
+    "mobilenet",
+    "--rerank",
+    "iou",
+    "--rerank-top",
+    "10",
+    "--set",
+    "embed.views=cutout",
+    "--set",
+    "classify.input=cutout",
+]
 PIPELINES = {"plain": PLAIN, "photo": PHOTO, "cutout": CUTOUT, "defaults": [], "paper": PAPER}
 WITH_CLASSIFIER = {"photo": [], "cutout": [], "defaults": []}  # pipelines given --classifier
 ABLATED = "defaults"  # the pipeline --ablate / --figures run around
@@ -71,11 +108,27 @@ def entry_point() -> list[str]:
     return [sys.executable, "-m", "csearch.evaluate", "retrieval"]
 
 
-def command(case: str, pipeline: str, out: Path, cache: Path, live: bool, ablate: bool, figures: bool,
-            classifier: str | None = None) -> list[str]:
+def command(
+    case: str,
+    pipeline: str,
+    out: Path,
+    cache: Path,
+    live: bool,
+    ablate: bool,
+    figures: bool,
+    classifier: str | None = None,
+) -> list[str]:
     gallery, subset = CASES[case]
-    cmd = entry_point() + ["--gallery", str(GROCERY / gallery), "--queries", str(GROCERY / "val.txt"),
-                           "--out", str(out / case / pipeline), "--cache-dir", str(cache)]
+    cmd = entry_point() + [
+        "--gallery",
+        str(GROCERY / gallery),
+        "--queries",
+        str(GROCERY / "val.txt"),
+        "--out",
+        str(out / case / pipeline),
+        "--cache-dir",
+        str(cache),
+    ]
     if subset:
         cmd += ["--subset", subset]
     if not live:
@@ -98,32 +151,44 @@ def run(cmd: list[str], env: dict) -> float:
 
 
 def summary_table(rows: list[dict]) -> str:
-    lines = ["| case | pipeline | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | cat. acc | p50 ms | p95 ms | "
-             "queries | gallery | runtime s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | pipeline | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | cat. acc | p50 ms | p95 ms | "
+        "queries | gallery | runtime s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['pipeline']} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS)
-                     + f" | {'-' if r['category_accuracy'] is None else format(r['category_accuracy'], '.3f')}"
-                     + f" | {r['latency_ms_p50']:.0f} | {r['latency_ms_p95']:.0f} | {r['n_queries']} | "
-                       f"{r['n_gallery']} | {r['runtime_s']:.0f} |")
+        lines.append(
+            f"| {r['case']} | {r['pipeline']} | "
+            + " | ".join(f"{r[k]:.3f}" for k in KEYS)
+            + f" | {'-' if r['category_accuracy'] is None else format(r['category_accuracy'], '.3f')}"
+            + f" | {r['latency_ms_p50']:.0f} | {r['latency_ms_p95']:.0f} | {r['n_queries']} | "
+            f"{r['n_gallery']} | {r['runtime_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "retrieval")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(os.environ.get("CSEARCH_EVAL_CACHE", "/work/cache/csearch-eval")))
+    parser.add_argument(
+        "--cache-dir", type=Path, default=Path(os.environ.get("CSEARCH_EVAL_CACHE", "/work/cache/csearch-eval"))
+    )
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated: {', '.join(CASES)}")
     parser.add_argument("--pipelines", default=",".join(PIPELINES), help=f"comma-separated: {', '.join(PIPELINES)}")
-    parser.add_argument("--classifier", metavar="RUN_DIR",
-                        help="category classifier for the photo and cutout pipelines")
+    parser.add_argument(
+        "--classifier", metavar="RUN_DIR", help="category classifier for the photo and cutout pipelines"
+    )
     parser.add_argument("--ablate", action="store_true", help=f"ablation table for each case (around {ABLATED})")
     parser.add_argument("--figures", action="store_true", help=f"figures for each case ({ABLATED} pipeline)")
     parser.add_argument("--resume", action="store_true", help="skip cells whose identical command already ran")
     parser.add_argument("--live", default="train-val", help="the case whose queries run uncached (honest latency)")
-    parser.add_argument("--publish", type=Path, metavar="DIR", help="copy the results into DIR the way "
-                        "docs/results/retrieval/ holds them (then run benchmarks/retrieval_tables.py)")
+    parser.add_argument(
+        "--publish",
+        type=Path,
+        metavar="DIR",
+        help="copy the results into DIR the way "
+        "docs/results/retrieval/ holds them (then run benchmarks/retrieval_tables.py)",
+    )
     args = parser.parse_args(argv)
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
     # OpenBLAS threads spin on the tiny per-query matrix products (mask resize, one-query KNN):
@@ -135,8 +200,16 @@ def main(argv=None) -> int:
     for case in args.cases.split(","):
         for pipeline in args.pipelines.split(","):
             extra = pipeline == ABLATED
-            cmd = command(case, pipeline, args.out, args.cache_dir, case == args.live, extra and args.ablate,
-                          extra and args.figures, args.classifier)
+            cmd = command(
+                case,
+                pipeline,
+                args.out,
+                args.cache_dir,
+                case == args.live,
+                extra and args.ablate,
+                extra and args.figures,
+                args.classifier,
+            )
             cell = args.out / case / pipeline
             done = cell / "bench_cell.json"
             if args.resume and done.is_file() and json.loads(done.read_text())["command"] == cmd:
@@ -145,16 +218,26 @@ def main(argv=None) -> int:
                 seconds = run(cmd, env)
                 done.write_text(json.dumps({"command": cmd, "seconds": seconds}))
             report = json.loads((cell / "retrieval.json").read_text())
-            rows.append({"case": case, "pipeline": pipeline, **{k: report[k] for k in KEYS},
-                         "category_accuracy": report["category_accuracy"], "restriction": report["restriction"],
-                         "latency_ms_p50": report["latency_ms_p50"], "latency_ms_p95": report["latency_ms_p95"],
-                         "n_queries": report["n_queries"], "n_gallery": report["n_gallery"],
-                         "runtime_s": round(seconds, 1),
-                         "command": " ".join(shlex.quote(c) for c in cmd).replace(str(REPO.parent), "..")})
+            rows.append(
+                {
+                    "case": case,
+                    "pipeline": pipeline,
+                    **{k: report[k] for k in KEYS},
+                    "category_accuracy": report["category_accuracy"],
+                    "restriction": report["restriction"],
+                    "latency_ms_p50": report["latency_ms_p50"],
+                    "latency_ms_p95": report["latency_ms_p95"],
+                    "n_queries": report["n_queries"],
+                    "n_gallery": report["n_gallery"],
+                    "runtime_s": round(seconds, 1),
+                    "command": " ".join(shlex.quote(c) for c in cmd).replace(str(REPO.parent), ".."),
+                }
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(rows, indent=1))
-    (args.out / "summary.md").write_text(summary_table(rows) + "\n\nCommands:\n\n" +
-                                         "\n".join(f"    {r['command']}" for r in rows) + "\n")
+    (args.out / "summary.md").write_text(
+        summary_table(rows) + "\n\nCommands:\n\n" + "\n".join(f"    {r['command']}" for r in rows) + "\n"
+    )
     print(summary_table(rows))
     if args.publish:
         publish(args.out, args.publish, [r["case"] for r in rows], [r["pipeline"] for r in rows])

@@ -40,7 +40,7 @@ def make_gallery(path: Path, n: int, dim: int, seed: int = 0, chunk: int = 8192)
     for start in range(0, n, chunk):
         block = rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32)
         block /= np.linalg.norm(block, axis=1, keepdims=True)
-        gallery[start:start + len(block)] = block
+        gallery[start : start + len(block)] = block
     gallery.flush()
     return np.load(path, mmap_mode="r")
 
@@ -59,8 +59,8 @@ def compare(vectors, norms, queries_list, k, rows=None, warm=True) -> dict:
         knn(vectors, np.atleast_2d(queries_list[0])[:1], k, rows=rows, sq_norms=norms)  # page cache, BLAS threads
         knn(vectors, np.atleast_2d(queries_list[0])[:1], k, rows=rows, engine="faiss")
     for i, queries in enumerate(queries_list):
-        run_numpy = lambda: timed(lambda: knn(vectors, queries, k, rows=rows, sq_norms=norms))  # noqa: E731
-        run_faiss = lambda: timed(lambda: knn(vectors, queries, k, rows=rows, engine="faiss"))  # noqa: E731
+        run_numpy = lambda: timed(lambda: knn(vectors, queries, k, rows=rows, sq_norms=norms))  # noqa: B023, E731
+        run_faiss = lambda: timed(lambda: knn(vectors, queries, k, rows=rows, engine="faiss"))  # noqa: B023, E731
         if i % 2:  # alternate which engine goes first, so neither always meets a colder cache
             t_faiss, (rows_faiss, d_faiss) = run_faiss()
             t_numpy, (rows_numpy, d_numpy) = run_numpy()
@@ -74,8 +74,13 @@ def compare(vectors, norms, queries_list, k, rows=None, warm=True) -> dict:
         # ~1e-6 may swap: "equivalent" = the same distances, hence an equally correct answer
         equivalent &= bool(np.allclose(d_numpy, d_faiss, rtol=1e-5, atol=1e-5))
     numpy_ms, faiss_ms = statistics.median(times["numpy"]), statistics.median(times["faiss"])
-    return {"numpy_ms": numpy_ms, "faiss_ms": faiss_ms, "ratio": numpy_ms / faiss_ms,
-            "identical": identical, "equivalent": equivalent}
+    return {
+        "numpy_ms": numpy_ms,
+        "faiss_ms": faiss_ms,
+        "ratio": numpy_ms / faiss_ms,
+        "identical": identical,
+        "equivalent": equivalent,
+    }
 
 
 def main() -> None:
@@ -86,8 +91,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="queries per batched call")
     parser.add_argument("--subset", type=float, default=0.1, help="fraction searched when restricted")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--headroom-gb", type=float, default=4.0,
-                        help="skip sizes whose gallery would leave less memory than this")
+    parser.add_argument(
+        "--headroom-gb", type=float, default=4.0, help="skip sizes whose gallery would leave less memory than this"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -106,15 +112,27 @@ def main() -> None:
             vectors = gallery[:n]
             norms = squared_norms(vectors)  # the index stores these
             repeats = args.repeats if n < 1_000_000 else max(3, args.repeats // 2)
-            single = [vectors[rng.integers(n)] + rng.normal(0, 0.05, args.dim).astype(np.float32)
-                      for _ in range(repeats)]
-            batch = [vectors[rng.integers(n, size=args.batch)] + rng.normal(0, 0.05, (args.batch, args.dim))
-                     .astype(np.float32) for _ in range(repeats)]
+            single = [
+                vectors[rng.integers(n)] + rng.normal(0, 0.05, args.dim).astype(np.float32) for _ in range(repeats)
+            ]
+            batch = [
+                vectors[rng.integers(n, size=args.batch)]
+                + rng.normal(0, 0.05, (args.batch, args.dim)).astype(np.float32)
+                for _ in range(repeats)
+            ]
             subset = np.sort(rng.choice(n, max(1, int(n * args.subset)), replace=False))
-            for case, queries, rows in [("single", single, None), (f"batch{args.batch}", batch, None),
-                                        (f"single, {args.subset:.0%} rows", single, subset)]:
-                row = {"n": n, "dim": args.dim, "case": case, "k": args.k,
-                       **compare(vectors, norms, queries, args.k, rows, warm=case == "single")}
+            for case, queries, rows in [
+                ("single", single, None),
+                (f"batch{args.batch}", batch, None),
+                (f"single, {args.subset:.0%} rows", single, subset),
+            ]:
+                row = {
+                    "n": n,
+                    "dim": args.dim,
+                    "case": case,
+                    "k": args.k,
+                    **compare(vectors, norms, queries, args.k, rows, warm=case == "single"),
+                }
                 if case.startswith("batch"):
                     row["numpy_ms_per_query"] = row["numpy_ms"] / args.batch
                     row["faiss_ms_per_query"] = row["faiss_ms"] / args.batch
@@ -126,11 +144,14 @@ def main() -> None:
     print("| N | case | numpy ms | faiss ms | numpy/faiss | same rows | same distances |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['n']:,} | {r['case']} | {r['numpy_ms']:.2f} | {r['faiss_ms']:.2f} | {r['ratio']:.2f} | "
-              f"{'yes' if r['identical'] else 'no'} | {'yes' if r['equivalent'] else 'NO'} |")
+        print(
+            f"| {r['n']:,} | {r['case']} | {r['numpy_ms']:.2f} | {r['faiss_ms']:.2f} | {r['ratio']:.2f} | "
+            f"{'yes' if r['identical'] else 'no'} | {'yes' if r['equivalent'] else 'NO'} |"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"skipped_sizes": skipped, "threads": os.cpu_count(),
-                                         "results": results}, indent=1))
+        args.json.write_text(
+            json.dumps({"skipped_sizes": skipped, "threads": os.cpu_count(), "results": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,12 @@ def batch_items(start: int, n: int, dim: int, size: int, rng: np.random.Generato
     masks = np.zeros((n, size, size), bool)
     corners = rng.integers(0, size // 2, (n, 2))
     for i, (x0, y0) in enumerate(corners):
-        masks[i, y0:y0 + size // 2, x0:x0 + size // 3] = True
+        masks[i, y0 : y0 + size // 2, x0 : x0 + size // 3] = True
     boxes = np.stack([normalized_box(m) for m in masks])
-    paths = [f"/data/catalogues/grocery-store/train/Packages/Juice/Bravo-Apple-Juice/IMG_{start + i:07d}.jpg"
-             for i in range(n)]
+    paths = [
+        f"/data/catalogues/grocery-store/train/Packages/Juice/Bravo-Apple-Juice/IMG_{start + i:07d}.jpg"
+        for i in range(n)
+    ]
     categories = [f"category-{(start + i) % 43:02d}" for i in range(n)]
     products = [f"product-{(start + i) % 81:03d}" for i in range(n)]
     return vectors, masks, boxes, paths, categories, products
@@ -66,7 +68,7 @@ def bench(n: int, dim: int, size: int, batch: int, root: Path) -> dict:
     add_seconds, slowest = 0.0, 0.0
     for start in range(0, n, batch):
         items = batch_items(start, min(batch, n - start), dim, size, rng)
-        seconds, _ = timed(lambda: store.add(*items))  # generating the data is not timed
+        seconds, _ = timed(lambda: store.add(*items))  # generating the data is not timed  # noqa: B023 (called at once, in this iteration)
         add_seconds += seconds
         slowest = max(slowest, seconds)
     result["add_items_per_s"] = round(n / add_seconds)
@@ -84,7 +86,7 @@ def bench(n: int, dim: int, size: int, batch: int, root: Path) -> dict:
     singles = []
     for i in range(20):
         items = batch_items(n + i, 1, dim, size, rng)
-        singles.append(timed(lambda: store.add(*items))[0])
+        singles.append(timed(lambda: store.add(*items))[0])  # noqa: B023 (called at once, in this iteration)
     result["single_add_ms"] = ms(statistics.median(singles))
     reader = IndexStore.open(directory)
     query = rng.standard_normal(dim).astype(np.float32)
@@ -99,7 +101,7 @@ def bench(n: int, dim: int, size: int, batch: int, root: Path) -> dict:
     result["whole_vectors_column_after_add_ms"] = ms(timed(lambda: reader.snapshot.vectors)[0])  # a copy
 
     live = store.snapshot.ids
-    removals = [timed(lambda: store.remove([int(live[i * 97])]))[0] for i in range(10)]
+    removals = [timed(lambda: store.remove([int(live[i * 97])]))[0] for i in range(10)]  # noqa: B023 (called at once, in this iteration)
     result["single_remove_ms"] = ms(statistics.median(removals))
     some = store.snapshot.ids[rng.choice(len(store), len(store) // 100, replace=False)]
     result["remove_1pct_ms"] = ms(timed(lambda: store.remove(some))[0])

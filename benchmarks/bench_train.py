@@ -32,8 +32,21 @@ def main() -> int:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train flags")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     args = parser.parse_args()
-    command = [sys.executable, "-m", "csearch.train", "classifier", "--data", args.data, "--backbone",
-               args.backbone, "--weights", args.weights, "--out", args.out, "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "csearch.train",
+        "classifier",
+        "--data",
+        args.data,
+        "--backbone",
+        args.backbone,
+        "--weights",
+        args.weights,
+        "--out",
+        args.out,
+        "--json",
+    ]
     command += ["--val", args.val] if args.val else []
     for item in args.set:
         command += ["--set", item]
@@ -48,11 +61,18 @@ def main() -> int:
         return result.returncode
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     row = {
-        "command": " ".join(command[1:]), "backbone": args.backbone, "wall_s": round(wall, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-        "load_avg_before": round(load_before, 2), "load_avg_after": round(os.getloadavg()[0], 2),
-        "cpus": os.cpu_count(), "val_accuracy": summary.get("val_accuracy"), "mode": summary.get("mode"),
-        "epochs_run": summary.get("epochs_run"), "feature_s": summary.get("feature_seconds"),
+        "command": " ".join(command[1:]),
+        "backbone": args.backbone,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "load_avg_before": round(load_before, 2),
+        "load_avg_after": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
+        "val_accuracy": summary.get("val_accuracy"),
+        "mode": summary.get("mode"),
+        "epochs_run": summary.get("epochs_run"),
+        "feature_s": summary.get("feature_seconds"),
     }
     print(json.dumps(row, indent=2), file=sys.stderr)
     if args.json:

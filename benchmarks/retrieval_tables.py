@@ -18,10 +18,13 @@ from pathlib import Path
 
 CASES = ("train-val", "train-val-packages", "catalogue", "catalogue-packages")
 CASE_TITLES = ("train-val", "Packages", "catalogue", "catalogue Packages")
-PIPELINES = {"plain": "plain (reference)", "photo": "photo: EffNet-Lite0 + classifier",
-             "cutout": "cut-out: U²-Net-p + EffNet-Lite0 + classifier on the photo",
-             "defaults": "**defaults**: cut-out + photo views + classifier on the photo",
-             "paper": "paper: U²-Net-p + matting, gray, IoU top 10"}
+PIPELINES = {
+    "plain": "plain (reference)",
+    "photo": "photo: EffNet-Lite0 + classifier",
+    "cutout": "cut-out: U²-Net-p + EffNet-Lite0 + classifier on the photo",
+    "defaults": "**defaults**: cut-out + photo views + classifier on the photo",
+    "paper": "paper: U²-Net-p + matting, gray, IoU top 10",
+}
 METRICS = ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision", "mrr")
 # (group, variant name in ablation.json, label in the table)
 MODULE_ROWS = (
@@ -33,8 +36,11 @@ MODULE_ROWS = (
     ("views", "object cut-out only", "| views | cut-out only (the paper)"),
     ("restriction", "off", "| restriction | off (no classifier)"),
     ("restriction", "predicted top-3, classifier sees the whole photo", "|  | top-3 predicted categories"),
-    ("restriction", "predicted top-1, classifier sees the cut-out",
-     "|  | top-1, classifier sees the cut-out (the paper)"),
+    (
+        "restriction",
+        "predicted top-1, classifier sees the cut-out",
+        "|  | top-1, classifier sees the cut-out (the paper)",
+    ),
     ("restriction", "oracle", "|  | oracle (true category; not a result)"),
     ("colour", "gray", "| colour | gray (the paper)"),
     ("extractor", "mobilenet", "| extractor | MobileNet"),
@@ -42,10 +48,14 @@ MODULE_ROWS = (
     ("re-ranking", "iou, top 10 (the paper)", "| re-ranking | IoU of the top 10 (the paper)"),
 )
 SHAPE_ROWS = (
-    ("iou, top 5", "IoU, top 5 (the paper)"), ("iou, top 10", "IoU, top 10 (the paper)"),
-    ("iou, top 20", "IoU, top 20 (the paper)"), ("iou_crop, top 10", "IoU of box-cropped masks, top 10"),
-    ("fused w=0.5", "fused w=0.5, top 10"), ("fused_crop w=0.5", "fused_crop w=0.5, top 10"),
-    ("fused w=*", "fused, w and N tuned ‡"), ("fused_crop w=*", "fused_crop, w and N tuned ‡"),
+    ("iou, top 5", "IoU, top 5 (the paper)"),
+    ("iou, top 10", "IoU, top 10 (the paper)"),
+    ("iou, top 20", "IoU, top 20 (the paper)"),
+    ("iou_crop, top 10", "IoU of box-cropped masks, top 10"),
+    ("fused w=0.5", "fused w=0.5, top 10"),
+    ("fused_crop w=0.5", "fused_crop w=0.5, top 10"),
+    ("fused w=*", "fused, w and N tuned ‡"),
+    ("fused_crop w=*", "fused_crop, w and N tuned ‡"),
     ("aspect_fused", "box aspect-ratio agreement, fused, tuned ‡"),
     ("iou_rrf", "rank fusion (KNN rank + IoU rank), tuned ‡"),
     ("iou_gate", "IoU only among near-ties (gate), tuned ‡"),
@@ -67,8 +77,10 @@ def find_row(rows: list[dict], group: str, name: str) -> dict:
 
 
 def headline_table(summary: list[dict]) -> str:
-    lines = ["| case | pipeline | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | cat. acc |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | pipeline | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | cat. acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     best = {}  # the best Recall@1 and mAP@10 of each case are bold
     for row in summary:
         for key in ("recall@1", "map@10"):
@@ -76,8 +88,11 @@ def headline_table(summary: list[dict]) -> str:
     for row in summary:
         acc = row["category_accuracy"]
         cells = [f"**{row[k]:.3f}**" if best.get((row["case"], k)) == row[k] else f"{row[k]:.3f}" for k in METRICS]
-        lines.append(f"| {row['case']} | {PIPELINES.get(row['pipeline'], row['pipeline'])} | " + " | ".join(cells)
-                     + f" | {'-' if acc is None else format(acc, '.3f')} |")
+        lines.append(
+            f"| {row['case']} | {PIPELINES.get(row['pipeline'], row['pipeline'])} | "
+            + " | ".join(cells)
+            + f" | {'-' if acc is None else format(acc, '.3f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -116,8 +131,11 @@ def main(argv=None) -> int:
     summary = json.loads((args.results / "summary.json").read_text())
     ablations = {c: json.loads((args.results / c / "ablation.json").read_text())["rows"] for c in CASES}
     doc = args.doc.read_text()
-    for name, table in (("headline", headline_table(summary)), ("modules", modules_table(ablations)),
-                        ("shape", shape_table(ablations))):
+    for name, table in (
+        ("headline", headline_table(summary)),
+        ("modules", modules_table(ablations)),
+        ("shape", shape_table(ablations)),
+    ):
         doc = replace_block(doc, name, table)
     args.doc.write_text(doc)
     return 0

@@ -53,8 +53,9 @@ def custom_objects() -> dict:
     return {**model_objects(), "csearch>InferenceMode": InferenceMode, "InferenceMode": InferenceMode}
 
 
-def build_augmentation(rotation: float = 0.1, zoom: float = 0.2, flip: bool = True,
-                       seed: Optional[int] = None) -> keras.Sequential:
+def build_augmentation(
+    rotation: float = 0.1, zoom: float = 0.2, flip: bool = True, seed: Optional[int] = None
+) -> keras.Sequential:
     """The paper's augmentation as Keras preprocessing layers (active only when training).
 
     `rotation` is a fraction of a full turn (0.1 = up to +-36 degrees) and `zoom` a fraction of
@@ -100,13 +101,21 @@ def set_trainable(model, unfreeze: Optional[int]) -> int:
         layer.trainable = index >= len(layers) - count
     for name in HEAD_LAYERS:
         model.get_layer(name).trainable = True
-    return sum(1 for layer in layers[len(layers) - count:] if layer.weights)
+    return sum(1 for layer in layers[len(layers) - count :] if layer.weights)
 
 
-def build_classifier(backbone_name: str, n_classes: int, weights="imagenet",
-                     image_size: Optional[int] = None, unfreeze: Optional[int] = 0, *,
-                     rotation: float = 0.1, zoom: float = 0.2, flip: bool = True,
-                     seed: Optional[int] = None) -> keras.Model:
+def build_classifier(
+    backbone_name: str,
+    n_classes: int,
+    weights="imagenet",
+    image_size: Optional[int] = None,
+    unfreeze: Optional[int] = 0,
+    *,
+    rotation: float = 0.1,
+    zoom: float = 0.2,
+    flip: bool = True,
+    seed: Optional[int] = None,
+) -> keras.Model:
     """The paper's classifier: backbone (no top, pooled) -> Dense(1024, relu) -> Dropout(0.5)
     -> Dense(512, relu) -> Dense(n_classes, softmax).
 
@@ -153,5 +162,6 @@ def load_keras_model(path: Path) -> keras.Model:
     try:
         return keras.saving.load_model(str(path), custom_objects=custom_objects(), compile=False)
     except (ValueError, OSError, TypeError) as exc:
-        raise errors.ModelMismatch(f"{path}: not a readable csearch classifier "
-                                   f"({' '.join(str(exc).split())[:160]})") from None
+        raise errors.ModelMismatch(
+            f"{path}: not a readable csearch classifier ({' '.join(str(exc).split())[:160]})"
+        ) from None

@@ -10,8 +10,8 @@ so importing this module (the query path) never imports Keras.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import yaml
@@ -53,8 +53,9 @@ class Classifier:
     runs a stale export).
     """
 
-    def __init__(self, run_dir: Path, class_names: Sequence[str], image_size: int, color: str,
-                 model_file: Path, runner):
+    def __init__(
+        self, run_dir: Path, class_names: Sequence[str], image_size: int, color: str, model_file: Path, runner
+    ):
         self.run_dir = Path(run_dir)
         self.class_names = list(class_names)
         self.image_size = int(image_size)
@@ -72,7 +73,7 @@ class Classifier:
         return "onnx" if self.model_file.suffix == ".onnx" else "keras"
 
     @classmethod
-    def load(cls, run_dir, backend: str = "auto") -> "Classifier":
+    def load(cls, run_dir, backend: str = "auto") -> Classifier:
         """backend: "auto" (ONNX when a current export exists), "keras" or "onnx"."""
         run_dir = Path(run_dir).expanduser()
         if not run_dir.is_dir():
@@ -86,8 +87,7 @@ class Classifier:
         if use_onnx:
             path = run_dir / ONNX_FILE
             if not path.is_file():
-                raise errors.StoreError(f"{run_dir}: no {ONNX_FILE} (run `csearch export {run_dir} "
-                                        f"--format onnx`)")
+                raise errors.StoreError(f"{run_dir}: no {ONNX_FILE} (run `csearch export {run_dir} --format onnx`)")
             runner = _OnnxRunner(path)
         else:
             path = run_dir / MODEL_FILE
@@ -99,30 +99,37 @@ class Classifier:
     def _check_outputs(self) -> None:
         probe = self.predict(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))
         if probe.shape[1] != len(self.class_names):
-            raise errors.ModelMismatch(f"{self.model_file}: the model has {probe.shape[1]} outputs "
-                                       f"but {CLASSES_FILE} lists {len(self.class_names)} classes")
+            raise errors.ModelMismatch(
+                f"{self.model_file}: the model has {probe.shape[1]} outputs "
+                f"but {CLASSES_FILE} lists {len(self.class_names)} classes"
+            )
 
     def check_classes(self, data_classes: Iterable[str]) -> None:
         """Raise ModelMismatch when the data has classes this model cannot predict."""
         unknown = sorted(set(data_classes) - set(self.class_names))
         if unknown:
             shown = ", ".join(unknown[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
-            raise errors.ModelMismatch(f"the data has {len(unknown)} categories the classifier in "
-                                       f"{self.run_dir} does not know: {shown}; it knows "
-                                       f"{len(self.class_names)}: {', '.join(self.class_names[:8])}"
-                                       f"{'...' if len(self.class_names) > 8 else ''}")
+            raise errors.ModelMismatch(
+                f"the data has {len(unknown)} categories the classifier in "
+                f"{self.run_dir} does not know: {shown}; it knows "
+                f"{len(self.class_names)}: {', '.join(self.class_names[:8])}"
+                f"{'...' if len(self.class_names) > 8 else ''}"
+            )
 
     def _validate(self, images: np.ndarray) -> np.ndarray:
         if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-            raise errors.ImageError(f"classifier input must be a uint8 numpy array, got "
-                                    f"{getattr(images, 'dtype', type(images).__name__)}")
+            raise errors.ImageError(
+                f"classifier input must be a uint8 numpy array, got {getattr(images, 'dtype', type(images).__name__)}"
+            )
         if images.ndim == 3:
             images = images[None]
         expected = (self.image_size, self.image_size, 3)
         if images.ndim != 4 or images.shape[1:] != expected:
-            raise errors.ImageError(f"classifier input must have shape (N, {self.image_size}, "
-                                    f"{self.image_size}, 3), got {images.shape}; use "
-                                    f"preprocess.model_input(image, {self.image_size}, {self.color!r})")
+            raise errors.ImageError(
+                f"classifier input must have shape (N, {self.image_size}, "
+                f"{self.image_size}, 3), got {images.shape}; use "
+                f"preprocess.model_input(image, {self.image_size}, {self.color!r})"
+            )
         return images
 
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -138,8 +145,7 @@ class Classifier:
             images = np.stack([to_color(image, "gray") for image in images]) if len(images) else images
         if len(images) == 0:
             return np.zeros((0, len(self.class_names)), np.float32)
-        out = [self._runner(images[i:i + batch_size].astype(np.float32))
-               for i in range(0, len(images), batch_size)]
+        out = [self._runner(images[i : i + batch_size].astype(np.float32)) for i in range(0, len(images), batch_size)]
         return np.concatenate(out).astype(np.float32)
 
     def predict_top(self, images: np.ndarray, n: int = 1) -> list[Prediction]:
@@ -211,7 +217,12 @@ def export_classifier(run_dir, fmt: str = "onnx", batch: int = 2) -> tuple[Path,
     sample = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3)).astype(np.float32)
     path = run_dir / ONNX_FILE
     diff = float(export_onnx(model, path, sample))
-    meta = {"format": "onnx", "file": ONNX_FILE, "source": MODEL_FILE,
-            "source_sha256": file_sha256(run_dir / MODEL_FILE), "max_abs_diff": diff}
+    meta = {
+        "format": "onnx",
+        "file": ONNX_FILE,
+        "source": MODEL_FILE,
+        "source_sha256": file_sha256(run_dir / MODEL_FILE),
+        "max_abs_diff": diff,
+    }
     (run_dir / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return path, diff

@@ -10,11 +10,20 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-from .console import (add_model_flags, config_from_args, parse_sets, print_result, progress_bar, quiet_frameworks,
-                      report_failures, run_command)
+from .console import (
+    add_model_flags,
+    config_from_args,
+    parse_sets,
+    print_result,
+    progress_bar,
+    quiet_frameworks,
+    report_failures,
+    run_command,
+)
 from .errors import CSearchError
 
 log = logging.getLogger("csearch")
@@ -42,17 +51,32 @@ def cmd_index(args) -> int:
     catalogue = read_catalogue(args.catalogue)
     log.info("catalogue: %s", catalogue.summary())
     with progress_bar(len(catalogue.records), "indexing") as bar:
-        report = build_index(catalogue, config, args.out, overwrite=args.overwrite, progress=bar.update,
-                             workers=args.workers)
+        report = build_index(
+            catalogue, config, args.out, overwrite=args.overwrite, progress=bar.update, workers=args.workers
+        )
     report_failures(report.failures)
     save_config(report.config, Path(args.out) / "config.yaml", extra={"command": command_line(args)})
-    log.info("indexed %d image(s) into %s in %.1f s (%.2f img/s)%s", report.added, args.out, report.seconds,
-             report.images_per_second,
-             f"; {report.skipped_existing} already indexed (resumed)" if report.skipped_existing else "")
+    log.info(
+        "indexed %d image(s) into %s in %.1f s (%.2f img/s)%s",
+        report.added,
+        args.out,
+        report.seconds,
+        report.images_per_second,
+        f"; {report.skipped_existing} already indexed (resumed)" if report.skipped_existing else "",
+    )
     if args.json:
-        args.stdout.write(json.dumps({"index": str(Path(args.out).resolve()), "added": report.added,
-                                      "resumed": report.skipped_existing, "failed": len(report.failures),
-                                      "seconds": round(report.seconds, 3)}) + "\n")
+        args.stdout.write(
+            json.dumps(
+                {
+                    "index": str(Path(args.out).resolve()),
+                    "added": report.added,
+                    "resumed": report.skipped_existing,
+                    "failed": len(report.failures),
+                    "seconds": round(report.seconds, 3),
+                }
+            )
+            + "\n"
+        )
     return 0
 
 
@@ -89,8 +113,12 @@ def cmd_remove(args) -> int:
 def cmd_query(args) -> int:
     from .pipeline import Engine
 
-    overrides = {"k": args.k, "rerank": args.rerank, "rerank_top": args.rerank_top,
-                 "restrict": None if args.restrict is None else args.restrict == "on"}
+    overrides = {
+        "k": args.k,
+        "rerank": args.rerank,
+        "rerank_top": args.rerank_top,
+        "restrict": None if args.restrict is None else args.restrict == "on",
+    }
     overrides.update({k.split(".", 1)[1]: v for k, v in parse_sets(args.set).items() if k.startswith("search.")})
     engine = Engine.open(args.index, search_overrides=overrides)
     result = engine.query(args.image, category=args.category)
@@ -111,7 +139,11 @@ def cmd_models(args) -> int:
     out = args.stdout
     out.write(f"weights are looked up in: explicit path > $CSEARCH_HOME ({csearch_home()}) > Keras' cache\n")
     for row in rows:
-        status = f"found: {row['found']}" if row.get("found") else f"missing: put {row.get('weights_file')} in {csearch_home()}"
+        status = (
+            f"found: {row['found']}"
+            if row.get("found")
+            else f"missing: put {row.get('weights_file')} in {csearch_home()}"
+        )
         out.write(f"{row['name']:<18} {row['role']:<15} {status}\n")
     return 0
 
@@ -136,8 +168,14 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import run_server
 
-    run_server(args.index, host=args.host, port=args.port, workers=args.workers, queue_limit=args.queue_limit,
-               max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    run_server(
+        args.index,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        queue_limit=args.queue_limit,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+    )
     return 0
 
 
@@ -155,17 +193,28 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import allowed_values
 
     parser = argparse.ArgumentParser(
-        prog="csearch", description="Find the same product in a catalogue from one photo "
-        "(U²-Net localization, category restriction, exact KNN, mask-IoU re-ranking).", epilog=EPILOG)
+        prog="csearch",
+        description="Find the same product in a catalogue from one photo "
+        "(U²-Net localization, category restriction, exact KNN, mask-IoU re-ranking).",
+        epilog=EPILOG,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("index", help="offline stage: index a catalogue", epilog=EPILOG,
-                       description="Localize every catalogue image, extract its feature vector and mask, "
-                       "and store them with category and product in INDEX_DIR. Interrupted runs resume "
-                       "when rerun with the same --out.")
-    p.add_argument("catalogue", metavar="CATALOGUE", help="folder ROOT/<category>/[<product>/]<image>, a CSV "
-                   "manifest (path,category,product) or a Grocery Store list file (see data_README.md)")
+    p = sub.add_parser(
+        "index",
+        help="offline stage: index a catalogue",
+        epilog=EPILOG,
+        description="Localize every catalogue image, extract its feature vector and mask, "
+        "and store them with category and product in INDEX_DIR. Interrupted runs resume "
+        "when rerun with the same --out.",
+    )
+    p.add_argument(
+        "catalogue",
+        metavar="CATALOGUE",
+        help="folder ROOT/<category>/[<product>/]<image>, a CSV "
+        "manifest (path,category,product) or a Grocery Store list file (see data_README.md)",
+    )
     p.add_argument("--out", required=True, metavar="INDEX_DIR", help="index directory to create (or resume)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     p.add_argument("--workers", type=int, default=2, help="threads decoding and localizing (default 2)")
@@ -185,16 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_remove)
 
-    p = sub.add_parser("query", help="online stage: find the catalogue items matching a photo",
-                       description="Uses the models the index recorded; no model flags needed.")
+    p = sub.add_parser(
+        "query",
+        help="online stage: find the catalogue items matching a photo",
+        description="Uses the models the index recorded; no model flags needed.",
+    )
     p.add_argument("index", metavar="INDEX_DIR")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("-k", type=int, help="number of results (default: the index's search.k, 5)")
     p.add_argument("--category", help="search this category instead of the predicted one")
-    p.add_argument("--restrict", choices=["on", "off"], help="restrict to the predicted category (needs an "
-                   "index built with --classifier)")
-    p.add_argument("--rerank", choices=allowed_values("search.rerank"),
-                   help="re-rank the top candidates by mask IoU (the paper: iou)")
+    p.add_argument(
+        "--restrict",
+        choices=["on", "off"],
+        help="restrict to the predicted category (needs an index built with --classifier)",
+    )
+    p.add_argument(
+        "--rerank",
+        choices=allowed_values("search.rerank"),
+        help="re-rank the top candidates by mask IoU (the paper: iou)",
+    )
     p.add_argument("--rerank-top", type=int, help="how many KNN candidates to re-rank")
     p.add_argument("--set", metavar="search.KEY=VALUE", action="append", help="override a search setting")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
@@ -204,10 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", metavar="INDEX_DIR")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=2, help="search workers, each with its own model copies "
-                   "(default 2)")
-    p.add_argument("--queue-limit", type=int, default=32, help="requests that may wait for a worker before "
-                   "new ones get 503 (default 32)")
+    p.add_argument("--workers", type=int, default=2, help="search workers, each with its own model copies (default 2)")
+    p.add_argument(
+        "--queue-limit",
+        type=int,
+        default=32,
+        help="requests that may wait for a worker before new ones get 503 (default 32)",
+    )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="upload size limit in MB (default 10)")
     p.set_defaults(func=cmd_serve)
 

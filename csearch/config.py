@@ -16,14 +16,14 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
 from .errors import ConfigError, unknown_name
-
 
 Color = Literal["rgb", "gray"]
 LocalizeMethod = Literal["none", "classical", "u2net"]
@@ -37,8 +37,15 @@ MAX_K = 100  # results per query, as the HTTP API allows
 MAX_RERANK_TOP = 1000
 
 
-def bounded(default: Any, *, ge: Optional[float] = None, le: Optional[float] = None, gt: Optional[float] = None,
-            lt: Optional[float] = None, multiple_of: Optional[int] = None) -> Any:
+def bounded(
+    default: Any,
+    *,
+    ge: Optional[float] = None,
+    le: Optional[float] = None,
+    gt: Optional[float] = None,
+    lt: Optional[float] = None,
+    multiple_of: Optional[int] = None,
+) -> Any:
     """A dataclass field with declared bounds, checked whenever a config is built."""
     return field(default=default, metadata={"ge": ge, "le": le, "gt": gt, "lt": lt, "multiple_of": multiple_of})
 
@@ -156,16 +163,23 @@ def _check_value(section: Any, spec: dataclasses.Field) -> None:
     if not limits or isinstance(value, bool):
         return
     described = _describe_bounds(limits)
-    if (limits["ge"] is not None and value < limits["ge"]) or (limits["le"] is not None and value > limits["le"]) \
-            or (limits["gt"] is not None and value <= limits["gt"]) or (limits["lt"] is not None and value >= limits["lt"]):
+    if (
+        (limits["ge"] is not None and value < limits["ge"])
+        or (limits["le"] is not None and value > limits["le"])
+        or (limits["gt"] is not None and value <= limits["gt"])
+        or (limits["lt"] is not None and value >= limits["lt"])
+    ):
         raise ConfigError(f"config key {key!r} must be {described}, got {value!r}")
     if limits["multiple_of"] and value % limits["multiple_of"]:
         raise ConfigError(f"config key {key!r} must be a multiple of {limits['multiple_of']}, got {value!r}")
 
 
 def _describe_bounds(limits: Mapping[str, Any]) -> str:
-    parts = [f"{word} {limits[name]:g}" for name, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-             if limits.get(name) is not None]
+    parts = [
+        f"{word} {limits[name]:g}"
+        for name, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+        if limits.get(name) is not None
+    ]
     return " and ".join(parts)
 
 
@@ -173,7 +187,9 @@ def _field(key: str) -> tuple[Any, dataclasses.Field]:
     section_name, _, name = key.partition(".")
     section = {f.name: f for f in fields(Config)}.get(section_name)
     if section is None:
-        raise ConfigError(f"unknown config section {section_name!r}.{_closest(section_name, [f.name for f in fields(Config)])}")
+        raise ConfigError(
+            f"unknown config section {section_name!r}.{_closest(section_name, [f.name for f in fields(Config)])}"
+        )
     section_type = section.default_factory
     known = {f.name: f for f in fields(section_type)}
     if name not in known:
@@ -202,8 +218,13 @@ def default_value(key: str) -> Any:
     return getattr(section_type(), spec.name)
 
 
-_SECTION_NAMES = {PreprocessConfig: "preprocess", LocalizeConfig: "localize", EmbedConfig: "embed",
-                  ClassifyConfig: "classify", SearchConfig: "search"}
+_SECTION_NAMES = {
+    PreprocessConfig: "preprocess",
+    LocalizeConfig: "localize",
+    EmbedConfig: "embed",
+    ClassifyConfig: "classify",
+    SearchConfig: "search",
+}
 
 
 def _closest(name: str, valid) -> str:
@@ -291,8 +312,9 @@ def read_yaml_mapping(path: str | Path, what: str = "settings") -> dict:
     return dict(data)
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[Mapping[str, Any]] = None,
-                base: Optional[Config] = None) -> Config:
+def load_config(
+    path: Optional[str | Path] = None, overrides: Optional[Mapping[str, Any]] = None, base: Optional[Config] = None
+) -> Config:
     """Defaults (or `base`), then the YAML file, then overrides (None values are ignored)."""
     config = base or Config()
     if path is not None:

@@ -12,7 +12,8 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from .errors import CSearchError
 
@@ -47,8 +48,15 @@ def stdout_to_stderr():
 def progress_bar(total: int, desc: str, unit: str = "img"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                mininterval=1.0 if sys.stderr.isatty() else 30.0, smoothing=0.1)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        smoothing=0.1,
+    )
 
 
 def parse_sets(values: Optional[Sequence[str]]) -> dict:
@@ -67,26 +75,51 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     from .models import names
 
     group = parser.add_argument_group("models and preprocessing")
-    group.add_argument("--config", metavar="FILE", help="YAML config with sections preprocess/localize/embed/"
-                       "classify/search (every key: docs/config.md)")
-    group.add_argument("--set", metavar="KEY=VALUE", action="append", help="override any config key, e.g. "
-                       "--set localize.band=21 (repeatable)")
-    group.add_argument("--extractor", help=f"feature extractor (default efficientnet_lite0): one of "
-                       f"{', '.join(names('backbone') + names('onnx_extractor'))}, or an exported .onnx file")
-    group.add_argument("--extractor-weights", metavar="PATH|imagenet", help="extractor weights file, or "
-                       "'imagenet' (looked up in $CSEARCH_HOME, then Keras' cache, then downloaded)")
-    group.add_argument("--localizer", choices=allowed_values("localize.backend"),
-                       help="object localization backend (default u2net)")
-    group.add_argument("--localizer-model", metavar="PATH", help="U²-Net / U²-Net-p ONNX file "
-                       "(default: u2netp.onnx in $CSEARCH_HOME)")
-    group.add_argument("--matting", choices=allowed_values("localize.matting"),
-                       help="alpha matting refinement of the saliency map (default none: pymatting "
-                       "showed no retrieval gain here; the paper used FBA)")
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config with sections preprocess/localize/embed/classify/search (every key: docs/config.md)",
+    )
+    group.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        help="override any config key, e.g. --set localize.band=21 (repeatable)",
+    )
+    group.add_argument(
+        "--extractor",
+        help=f"feature extractor (default efficientnet_lite0): one of "
+        f"{', '.join(names('backbone') + names('onnx_extractor'))}, or an exported .onnx file",
+    )
+    group.add_argument(
+        "--extractor-weights",
+        metavar="PATH|imagenet",
+        help="extractor weights file, or 'imagenet' (looked up in $CSEARCH_HOME, then Keras' cache, then downloaded)",
+    )
+    group.add_argument(
+        "--localizer", choices=allowed_values("localize.backend"), help="object localization backend (default u2net)"
+    )
+    group.add_argument(
+        "--localizer-model", metavar="PATH", help="U²-Net / U²-Net-p ONNX file (default: u2netp.onnx in $CSEARCH_HOME)"
+    )
+    group.add_argument(
+        "--matting",
+        choices=allowed_values("localize.matting"),
+        help="alpha matting refinement of the saliency map (default none: pymatting "
+        "showed no retrieval gain here; the paper used FBA)",
+    )
     group.add_argument("--matting-model", metavar="PATH", help="FBA matting ONNX file, for --matting fba")
-    group.add_argument("--classifier", metavar="RUN_DIR", help="trained category classifier "
-                       "(python -m csearch.train classifier); queries then search only the predicted category")
-    group.add_argument("--color", choices=allowed_values("preprocess.color"), help="extractor input colour (default rgb; the "
-                       "paper used gray)")
+    group.add_argument(
+        "--classifier",
+        metavar="RUN_DIR",
+        help="trained category classifier "
+        "(python -m csearch.train classifier); queries then search only the predicted category",
+    )
+    group.add_argument(
+        "--color",
+        choices=allowed_values("preprocess.color"),
+        help="extractor input colour (default rgb; the paper used gray)",
+    )
     group.add_argument("--image-size", type=int, help="extractor input side in px (default 224)")
     group.add_argument("--batch-size", type=int, help="extractor batch size (default 32)")
 
@@ -125,8 +158,10 @@ def print_result(result, out) -> None:
     out.write(f"{'#':>2}  {'id':>6}  {'distance':>8}  {'iou':>5}  {'score':>7}  product / path\n")
     for rank, hit in enumerate(result.hits, 1):
         iou = "-" if hit.iou is None else f"{hit.iou:.3f}"
-        out.write(f"{rank:>2}  {hit.id:>6}  {hit.distance:8.4f}  {iou:>5}  {hit.score:7.4f}  "
-                  f"{hit.product} ({hit.category})  {hit.path}\n")
+        out.write(
+            f"{rank:>2}  {hit.id:>6}  {hit.distance:8.4f}  {iou:>5}  {hit.score:7.4f}  "
+            f"{hit.product} ({hit.category})  {hit.path}\n"
+        )
     timings = ", ".join(f"{k} {v:.0f}" for k, v in result.timings_ms.items())
     out.write(f"timings (ms): {timings}\n")
 

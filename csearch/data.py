@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from .errors import CatalogueError
 from .types import Record
@@ -46,8 +47,10 @@ class Catalogue:
         return Counter(r.category for r in self.records)
 
     def summary(self) -> str:
-        text = (f"{len(self.records)} images, {len(self.categories)} categories, "
-                f"{len(self.products)} products from {self.spec}")
+        text = (
+            f"{len(self.records)} images, {len(self.categories)} categories, "
+            f"{len(self.products)} products from {self.spec}"
+        )
         if self.skipped:
             text += f"; {len(self.skipped)} skipped"
         return text
@@ -100,8 +103,10 @@ def read_manifest(path: Path) -> Catalogue:
         reader = csv.DictReader(handle)
         header = [h.strip() for h in (reader.fieldnames or [])]
         if "path" not in header:
-            raise CatalogueError(f"{path}: a CSV manifest needs a header with 'path' (and 'category', "
-                                 f"'product'); found {header or 'no header'}")
+            raise CatalogueError(
+                f"{path}: a CSV manifest needs a header with 'path' (and 'category', "
+                f"'product'); found {header or 'no header'}"
+            )
         candidates = []
         for row in reader:
             row = {k.strip(): v for k, v in row.items() if k is not None}
@@ -119,8 +124,17 @@ def _grocery_classes(classes_csv: Path) -> list[dict]:
         rows = list(csv.reader(handle))
     if not rows or not rows[0] or not rows[0][0].startswith("Class Name"):
         raise CatalogueError(f"{classes_csv}: not a Grocery Store classes.csv")
-    return [{"fine": r[0].strip(), "fine_id": int(r[1]), "coarse": r[2].strip(), "coarse_id": int(r[3]),
-             "iconic": r[4].strip()} for r in rows[1:] if len(r) >= 5]
+    return [
+        {
+            "fine": r[0].strip(),
+            "fine_id": int(r[1]),
+            "coarse": r[2].strip(),
+            "coarse_id": int(r[3]),
+            "iconic": r[4].strip(),
+        }
+        for r in rows[1:]
+        if len(r) >= 5
+    ]
 
 
 def read_grocery_list(list_file: Path) -> Catalogue:
@@ -147,8 +161,10 @@ def read_grocery_list(list_file: Path) -> Catalogue:
 
 def read_grocery_iconic(classes_csv: Path) -> Catalogue:
     root = classes_csv.parent
-    candidates = [Record(str((root / c["iconic"].lstrip("/")).resolve()), c["coarse"], c["fine"])
-                  for c in _grocery_classes(classes_csv)]
+    candidates = [
+        Record(str((root / c["iconic"].lstrip("/")).resolve()), c["coarse"], c["fine"])
+        for c in _grocery_classes(classes_csv)
+    ]
     return _finish(str(classes_csv), candidates, [])
 
 
@@ -169,5 +185,4 @@ def read_catalogue(spec: str | Path) -> Catalogue:
         return read_grocery_iconic(path) if _looks_like_grocery_classes(path) else read_manifest(path)
     if suffix == ".txt":
         return read_grocery_list(path)
-    raise CatalogueError(f"catalogue {spec}: expected a folder, a .csv manifest or a Grocery Store "
-                         f".txt list file")
+    raise CatalogueError(f"catalogue {spec}: expected a folder, a .csv manifest or a Grocery Store .txt list file")

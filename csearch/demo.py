@@ -23,8 +23,9 @@ SHAPES = {"bottle": "rect", "jar": "ellipse", "tube": "triangle"}
 PRINTS = [((200, 40, 40), (255, 230, 0)), ((40, 90, 200), (255, 255, 255)), ((30, 150, 60), (240, 240, 240))]
 
 
-def draw_product(shape: str, colors, size: int = 256, background=None, shift=(0, 0), scale=1.0,
-                 seed: int = 0) -> np.ndarray:
+def draw_product(
+    shape: str, colors, size: int = 256, background=None, shift=(0, 0), scale=1.0, seed: int = 0
+) -> np.ndarray:
     """A product on a background: a filled shape in a body colour with a printed band."""
     rng = np.random.default_rng(seed)
     if background is None:
@@ -44,7 +45,7 @@ def draw_product(shape: str, colors, size: int = 256, background=None, shift=(0,
     body, band = colors
     canvas[mask == 1] = body
     stripe = np.zeros_like(mask)
-    stripe[cy - half // 5: cy + half // 5] = 1
+    stripe[cy - half // 5 : cy + half // 5] = 1
     canvas[(mask == 1) & (stripe == 1)] = band
     return canvas
 
@@ -85,5 +86,7 @@ def run_demo(out: Path, config: Config, stdout) -> None:
         found += bool(result.hits) and result.hits[0].product == product
         stdout.write(f"\nquery {path.name} (true product {product})\n")
         print_result(result, stdout)
-    stdout.write(f"\n{found}/{len(queries)} queries found their product first. Index: {index_dir}\n"
-                 f"Try: csearch query {index_dir} {queries[0][0]}\n")
+    stdout.write(
+        f"\n{found}/{len(queries)} queries found their product first. Index: {index_dir}\n"
+        f"Try: csearch query {index_dir} {queries[0][0]}\n"
+    )

@@ -6,8 +6,9 @@ normalisation makes Euclidean KNN rank like cosine similarity.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -27,16 +28,20 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 def _batches(images: Union[np.ndarray, Iterable[np.ndarray]], size: int) -> Iterator[np.ndarray]:
     if isinstance(images, np.ndarray):
         for start in range(0, len(images), size):
-            yield images[start:start + size]
+            yield images[start : start + size]
         return
     iterator = iter(images)
     while batch := list(islice(iterator, size)):
         yield np.stack(batch)
 
 
-def embed_batches(extractor: Extractor, images: Union[np.ndarray, Iterable[np.ndarray]],
-                  batch_size: int = 32, normalize: bool = True,
-                  progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+def embed_batches(
+    extractor: Extractor,
+    images: Union[np.ndarray, Iterable[np.ndarray]],
+    batch_size: int = 32,
+    normalize: bool = True,
+    progress: Optional[Callable[[int], None]] = None,
+) -> np.ndarray:
     """Features of uint8 (S, S, 3) images, `batch_size` at a time -> float32 (N, extractor.dim).
 
     `images` is an (N, S, S, 3) array or any iterable of (S, S, 3) arrays (e.g. a generator
@@ -48,8 +53,9 @@ def embed_batches(extractor: Extractor, images: Union[np.ndarray, Iterable[np.nd
     for batch in _batches(images, int(batch_size)):
         features = np.asarray(extractor(batch), np.float32)
         if features.shape != (len(batch), extractor.dim):
-            raise ModelMismatch(f"{extractor.name}: expected features of shape "
-                                f"({len(batch)}, {extractor.dim}), got {features.shape}")
+            raise ModelMismatch(
+                f"{extractor.name}: expected features of shape ({len(batch)}, {extractor.dim}), got {features.shape}"
+            )
         chunks.append(features)
         done += len(batch)
         if progress is not None:

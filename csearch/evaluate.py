@@ -17,8 +17,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from .console import add_model_flags, config_from_args, progress_bar, quiet_frameworks, run_command
 
@@ -32,68 +33,107 @@ category; the oracle category only appears as an ablation row. Every query runs 
 online path (decode, localize, embed, classify, search) one image at a time, so the latencies
 are those of `csearch query`; the gallery is indexed once per setting and cached."""
 # flags that choose models or features: an --index has its own
-MODEL_FLAGS = ("extractor", "extractor_weights", "localizer", "localizer_model", "matting", "matting_model",
-               "classifier", "color", "image_size", "config")
+MODEL_FLAGS = (
+    "extractor",
+    "extractor_weights",
+    "localizer",
+    "localizer_model",
+    "matting",
+    "matting_model",
+    "classifier",
+    "color",
+    "image_size",
+    "config",
+)
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m csearch.evaluate",
-                                     description="Evaluate a classifier or the retrieval engine.")
+    parser = argparse.ArgumentParser(
+        prog="python -m csearch.evaluate", description="Evaluate a classifier or the retrieval engine."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("classifier", help="Tables 1-2 and Figures 7-8 for one or more classifier runs")
-    p.add_argument("--model", action="append", required=True, metavar="RUN_DIR",
-                   help="a RUN_DIR of python -m csearch.train classifier (repeat to compare)")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="RUN_DIR",
+        help="a RUN_DIR of python -m csearch.train classifier (repeat to compare)",
+    )
     p.add_argument("--data", required=True, metavar="SPEC", help="labelled catalogue to report on")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--backend", default="auto", choices=("auto", "keras", "onnx"))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print classification.json(s) on stdout")
     p.set_defaults(func=run_classifier, on_interrupt="nothing was written that a rerun would not redo")
-    r = sub.add_parser("retrieval", help="retrieval metrics, --ablate, --figures",
-                       description=RETRIEVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = sub.add_parser(
+        "retrieval",
+        help="retrieval metrics, --ablate, --figures",
+        description=RETRIEVAL_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_retrieval_arguments(r)
     r.set_defaults(func=run_retrieval, on_interrupt="cached features are kept, rerun to resume")
     return parser
 
 
 def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gallery", metavar="SPEC", help="catalogue to search (folder, CSV manifest, "
-                        "Grocery train.txt or classes.csv); not needed with --index")
+    parser.add_argument(
+        "--gallery",
+        metavar="SPEC",
+        help="catalogue to search (folder, CSV manifest, Grocery train.txt or classes.csv); not needed with --index",
+    )
     parser.add_argument("--queries", metavar="SPEC", required=True, help="labelled query images (same SPEC forms)")
-    parser.add_argument("--out", metavar="DIR", required=True, help="writes retrieval.json, config.yaml, "
-                        "ablation.{md,json}, figures/")
-    parser.add_argument("--index", metavar="INDEX_DIR", help="reuse this index (its recorded models and "
-                        "config) instead of indexing --gallery")
-    parser.add_argument("--subset", metavar="TEXT", help="keep only gallery and query images whose path "
-                        "contains TEXT (e.g. /Packages/)")
+    parser.add_argument(
+        "--out", metavar="DIR", required=True, help="writes retrieval.json, config.yaml, ablation.{md,json}, figures/"
+    )
+    parser.add_argument(
+        "--index",
+        metavar="INDEX_DIR",
+        help="reuse this index (its recorded models and config) instead of indexing --gallery",
+    )
+    parser.add_argument(
+        "--subset", metavar="TEXT", help="keep only gallery and query images whose path contains TEXT (e.g. /Packages/)"
+    )
     parser.add_argument("--limit", type=int, help="only the first N queries (quick checks)")
     search = parser.add_argument_group("search")
-    search.add_argument("--restrict", choices=["on", "off"], help="search only the predicted category "
-                        "(needs --classifier; default on)")
+    search.add_argument(
+        "--restrict", choices=["on", "off"], help="search only the predicted category (needs --classifier; default on)"
+    )
     search.add_argument("--top-n", type=int, help="search the top-n predicted categories (default 1)")
-    search.add_argument("--rerank", help="re-ranking of the top candidates: none | iou | fused | ... "
-                        "(see csearch.search)")
+    search.add_argument(
+        "--rerank", help="re-ranking of the top candidates: none | iou | fused | ... (see csearch.search)"
+    )
     search.add_argument("--rerank-top", type=int, help="how many KNN candidates to re-rank")
     search.add_argument("--rerank-weight", type=float, help="weight of the shape term (fused methods)")
     run = parser.add_argument_group("run")
     run.add_argument("--ablate", action="store_true", help="also vary every module (ablation.md/.json)")
     run.add_argument("--figures", action="store_true", help="also draw Figures 9, 4 and 6 (figures/*.png)")
-    run.add_argument("--cache-dir", metavar="DIR", help="feature/localization cache (default "
-                     "$CSEARCH_EVAL_CACHE or ~/.cache/csearch/eval)")
-    run.add_argument("--cached-queries", action="store_true", help="reuse cached query localizations "
-                     "(fast reruns; the localize latency then measures a cache read)")
+    run.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="feature/localization cache (default $CSEARCH_EVAL_CACHE or ~/.cache/csearch/eval)",
+    )
+    run.add_argument(
+        "--cached-queries",
+        action="store_true",
+        help="reuse cached query localizations (fast reruns; the localize latency then measures a cache read)",
+    )
     run.add_argument("--workers", type=int, default=2, help="threads localizing the gallery (default 2)")
     run.add_argument("--json", action="store_true", help="print retrieval.json on stdout")
     add_model_flags(parser)
 
 
 def search_flags(args: argparse.Namespace) -> dict:
-    flags = {"search.restrict": None if args.restrict is None else args.restrict == "on",
-             "search.rerank": args.rerank, "search.rerank_top": args.rerank_top,
-             "search.rerank_weight": args.rerank_weight}
+    flags = {
+        "search.restrict": None if args.restrict is None else args.restrict == "on",
+        "search.rerank": args.rerank,
+        "search.rerank_top": args.rerank_top,
+        "search.rerank_weight": args.rerank_weight,
+    }
     return {k: v for k, v in flags.items() if v is not None}
 
 
@@ -115,9 +155,14 @@ def run_classifier(args: argparse.Namespace) -> int:
 
     results = evaluate_classifiers(args.model, args.data, args.out, args.backend, args.batch_size)
     for result in results:
-        log.info("%s: top-1 accuracy %.4f, average accuracy %.4f on %d images -> %s",
-                 Path(result["model"]).name, result["accuracy"], result["average_accuracy"],
-                 result["n_images"], args.out)
+        log.info(
+            "%s: top-1 accuracy %.4f, average accuracy %.4f on %d images -> %s",
+            Path(result["model"]).name,
+            result["accuracy"],
+            result["average_accuracy"],
+            result["n_images"],
+            args.out,
+        )
     if args.json:
         args.stdout.write(json.dumps(results if len(results) > 1 else results[0]) + "\n")
     return 0
@@ -135,8 +180,10 @@ def open_engine(args: argparse.Namespace, config, cache_dir: Path):
     if args.index:
         ignored = [flag for flag in MODEL_FLAGS if getattr(args, flag, None) is not None]
         if ignored:
-            log.warning("--index uses the models and config it was built with; ignoring --%s",
-                        ", --".join(f.replace("_", "-") for f in ignored))
+            log.warning(
+                "--index uses the models and config it was built with; ignoring --%s",
+                ", --".join(f.replace("_", "-") for f in ignored),
+            )
         search = {k.split(".", 1)[1]: v for k, v in search_flags(args).items()}
         return index_engine(args.index, search, args.top_n)
     if not args.gallery:
@@ -146,8 +193,10 @@ def open_engine(args: argparse.Namespace, config, cache_dir: Path):
     with progress_bar(len(gallery.records), "gallery") as bar:
         engine = gallery_engine(gallery, config, cache_dir, bar.update, args.workers)
     if engine.models.classifier is None:
-        log.info("no --classifier: the search is unrestricted. The best measured pipeline restricts it to "
-                 "the category a classifier predicts (python -m csearch.train classifier; docs/results/retrieval.md)")
+        log.info(
+            "no --classifier: the search is unrestricted. The best measured pipeline restricts it to "
+            "the category a classifier predicts (python -m csearch.train classifier; docs/results/retrieval.md)"
+        )
     return engine
 
 
@@ -165,8 +214,9 @@ def run_retrieval(args: argparse.Namespace) -> int:
     log.info("queries: %s", queries.summary())
     provenance = {"gallery": str(args.index or args.gallery), "queries": str(args.queries), "subset": args.subset}
     with progress_bar(len(queries.records), "queries") as bar:
-        report, features, evaluation = evaluate_headline(engine, queries, cache_dir, args.cached_queries,
-                                                         bar.update, provenance)
+        report, features, evaluation = evaluate_headline(
+            engine, queries, cache_dir, args.cached_queries, bar.update, provenance
+        )
     report["command"] = " ".join(sys.argv)
     (out / "retrieval.json").write_text(json.dumps(report, indent=1))
     save_config(engine.config, out / "config.yaml", extra={"command": " ".join(sys.argv)})

@@ -18,8 +18,9 @@ import importlib.util
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -36,8 +37,7 @@ def _require_exporter() -> None:
 
     backend = keras.backend.backend()
     if backend in ("tensorflow", "jax") and importlib.util.find_spec("tf2onnx") is None:
-        raise ExportError(f"ONNX export on the {backend} backend needs tf2onnx: "
-                          "pip install 'tf2onnx>=1.17'")
+        raise ExportError(f"ONNX export on the {backend} backend needs tf2onnx: pip install 'tf2onnx>=1.17'")
 
 
 def _set_metadata(path: Path, metadata: Mapping[str, object]) -> None:
@@ -55,21 +55,23 @@ def _keras_outputs(model, sample: np.ndarray) -> list[np.ndarray]:
     return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
-def onnx_max_abs_diff(path: Union[str, os.PathLike], sample: np.ndarray,
-                      expected: list[np.ndarray]) -> float:
+def onnx_max_abs_diff(path: Union[str, os.PathLike], sample: np.ndarray, expected: list[np.ndarray]) -> float:
     """Run the ONNX file on `sample`; the largest abs difference from `expected` (the Keras
     outputs, in order) over all outputs."""
     session = models.onnx_session(path, "the exported Keras model")
     got = session.run(None, {session.get_inputs()[0].name: sample})
     if len(got) != len(expected):
         raise ExportError(f"{path}: ONNX has {len(got)} outputs, the Keras model {len(expected)}")
-    return max(float(np.max(np.abs(np.asarray(g, np.float32) - w))) if w.size else 0.0
-               for g, w in zip(got, expected))
+    return max(float(np.max(np.abs(np.asarray(g, np.float32) - w))) if w.size else 0.0 for g, w in zip(got, expected))
 
 
-def export_onnx(model, path: Union[str, os.PathLike], sample: np.ndarray,
-                metadata: Optional[Mapping[str, object]] = None,
-                opset: Optional[int] = None) -> float:
+def export_onnx(
+    model,
+    path: Union[str, os.PathLike],
+    sample: np.ndarray,
+    metadata: Optional[Mapping[str, object]] = None,
+    opset: Optional[int] = None,
+) -> float:
     """Export a single-input Keras model to `path` as ONNX (batch dim left dynamic), check it
     with onnxruntime on `sample` (a batch for the model's input; cast to float32), and return
     the max abs difference from Keras. `metadata` is stored as ONNX metadata_props."""
@@ -87,8 +89,7 @@ def export_onnx(model, path: Union[str, os.PathLike], sample: np.ndarray,
                 warnings.filterwarnings("ignore", message=".*np.object.*", category=FutureWarning)
                 model.export(str(partial), format="onnx", verbose=False, opset_version=opset)
         except Exception as exc:  # noqa: BLE001 - converters raise anything; chained below
-            raise ExportError(f"ONNX export of {model.name} failed: "
-                              f"{errors.one_line(exc)}") from exc
+            raise ExportError(f"ONNX export of {model.name} failed: {errors.one_line(exc)}") from exc
         if metadata:
             _set_metadata(partial, metadata)
         diff = onnx_max_abs_diff(partial, sample, expected)
@@ -98,8 +99,9 @@ def export_onnx(model, path: Union[str, os.PathLike], sample: np.ndarray,
     return diff
 
 
-def export_extractor(name: str, weights: models.WeightsArg, out_path: Union[str, os.PathLike],
-                     image_size: Optional[int] = None) -> tuple[Path, float]:
+def export_extractor(
+    name: str, weights: models.WeightsArg, out_path: Union[str, os.PathLike], image_size: Optional[int] = None
+) -> tuple[Path, float]:
     """Export a registered Keras backbone (preprocessing included) as an ONNX extractor that
     `models.load_extractor(out_path)` can load. Returns (path, max abs difference from Keras)
     on a seeded random batch."""
@@ -111,8 +113,11 @@ def export_extractor(name: str, weights: models.WeightsArg, out_path: Union[str,
     size = int(model.input_shape[1])
     sample = np.random.default_rng(0).integers(0, 256, (2, size, size, 3)).astype(np.float32)
     metadata = {
-        models.META_ROLE: "extractor", models.META_MODEL: name, models.META_LAYOUT: "nhwc",
-        models.META_PREPROCESSING: "raw", "csearch.image_size": size,
+        models.META_ROLE: "extractor",
+        models.META_MODEL: name,
+        models.META_LAYOUT: "nhwc",
+        models.META_PREPROCESSING: "raw",
+        "csearch.image_size": size,
         "csearch.dim": int(model.output_shape[-1]),
         "csearch.weights": str(weights_path) if weights_path else "none",
         "csearch.weights_sha256": models.file_sha256(weights_path) if weights_path else "",

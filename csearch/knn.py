@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import numbers
-from typing import Iterator, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -24,6 +25,7 @@ CHUNK_BYTES = 64 << 20  # per-chunk working memory: bounded whatever the gallery
 
 
 # ------------------------------------------------------------------------------------- gallery
+
 
 class Block(NamedTuple):
     """Part of a gallery searched where it lies, e.g. one memory-mapped index segment, so that
@@ -48,8 +50,12 @@ def squared_norms(vectors: np.ndarray) -> np.ndarray:
 
 def _check_block(block: Block, dim: Optional[int]) -> Block:
     vectors, norms, live = block
-    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.dtype != np.float32 \
-            or (dim is not None and vectors.shape[1] != dim):
+    if (
+        not isinstance(vectors, np.ndarray)
+        or vectors.ndim != 2
+        or vectors.dtype != np.float32
+        or (dim is not None and vectors.shape[1] != dim)
+    ):
         described = f"{vectors.dtype} {vectors.shape}" if isinstance(vectors, np.ndarray) else type(vectors).__name__
         # no silent cast: a gallery is large, and a copy of it is a surprise
         raise ValueError(f"vectors must be float32 (N, {dim or 'D'}) arrays, got {described}")
@@ -68,8 +74,11 @@ def _as_blocks(vectors, sq_norms) -> list[Block]:
     if sq_norms is not None:
         raise ValueError("with blocks, give each block's sq_norms in the block")
     blocks = [Block(b) if isinstance(b, np.ndarray) else Block(*b) for b in vectors]
-    dim = blocks[0].vectors.shape[1] if blocks and isinstance(blocks[0].vectors, np.ndarray) and \
-        blocks[0].vectors.ndim == 2 else None
+    dim = (
+        blocks[0].vectors.shape[1]
+        if blocks and isinstance(blocks[0].vectors, np.ndarray) and blocks[0].vectors.ndim == 2
+        else None
+    )
     return [_check_block(b, dim) for b in blocks]
 
 
@@ -128,13 +137,17 @@ def _chunks(blocks: list[Block], rows: Optional[np.ndarray], queries: int) -> It
                 stop = min(start + step, len(vectors))
                 first, last = (start, stop) if live is None else np.searchsorted(live, [start, stop])
                 keep = None if live is None else live[first:last] - start
-                yield _Chunk(vectors[start:stop], None if norms is None else norms[start:stop], keep,
-                             np.arange(offset + first, offset + last))
+                yield _Chunk(
+                    vectors[start:stop],
+                    None if norms is None else norms[start:stop],
+                    keep,
+                    np.arange(offset + first, offset + last),
+                )
         else:
             mine = rows[(rows >= offset) & (rows < offset + block.size)]
             step = _chunk_rows(queries, vectors.shape[1], gathered=True)
             for start in range(0, len(mine), step):
-                chunk = mine[start:start + step]
+                chunk = mine[start : start + step]
                 physical = chunk - offset if live is None else live[chunk - offset]
                 yield _Chunk(vectors[physical], None if norms is None else norms[physical], None, chunk)
         offset += block.size
@@ -147,6 +160,7 @@ def _take(values: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------- selection
 
+
 def _smallest(d2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per query, the k smallest of d2 (Q, c) and their column indices; ties at the cut go to
     the lower columns, so the final answer is the same however the gallery was chunked."""
@@ -158,7 +172,7 @@ def _smallest(d2: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     # argpartition picks arbitrarily among values equal to the cut: redo those (rare) queries
     for q in np.flatnonzero((d2 == cut).sum(axis=1) > (picked == cut).sum(axis=1)):
         below = np.flatnonzero(d2[q] < cut[q])
-        tied = np.flatnonzero(d2[q] == cut[q])[:k - len(below)]
+        tied = np.flatnonzero(d2[q] == cut[q])[: k - len(below)]
         part[q] = np.concatenate([below, tied])
     return _take(d2, part), part
 
@@ -175,6 +189,7 @@ def _merge(parts: list, k: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------- engines
+
 
 def _numpy_candidates(blocks, queries, k, rows) -> list:
     """||x||^2 - 2 x.q + ||q||^2 per chunk: one matrix product (GEMV for one query) per chunk,
@@ -235,8 +250,14 @@ def _has_faiss() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def knn(vectors, queries: np.ndarray, k: int, rows: Optional[np.ndarray] = None,
-        engine: str = "numpy", sq_norms: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+def knn(
+    vectors,
+    queries: np.ndarray,
+    k: int,
+    rows: Optional[np.ndarray] = None,
+    engine: str = "numpy",
+    sq_norms: Optional[np.ndarray] = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by Euclidean distance.
 
     vectors: the gallery, float32 (N, D) (a memory map is fine; it is never copied whole) or a

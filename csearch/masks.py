@@ -32,8 +32,9 @@ def unpack_masks(bits: np.ndarray, size: int) -> np.ndarray:
     """uint8 (n, ceil(S*S/8)) -> bool (n, S, S); the inverse of `pack_masks`."""
     bits = np.asarray(bits)
     if bits.ndim != 2 or bits.dtype != np.uint8 or bits.shape[1] != mask_bytes(size):
-        raise ValueError(f"packed masks must be uint8 (n, {mask_bytes(size)}) for size {size}, "
-                         f"got {bits.dtype} {bits.shape}")
+        raise ValueError(
+            f"packed masks must be uint8 (n, {mask_bytes(size)}) for size {size}, got {bits.dtype} {bits.shape}"
+        )
     flat = np.unpackbits(bits, axis=1, count=size * size)
     return flat.reshape(len(bits), size, size).view(bool)
 
@@ -80,14 +81,21 @@ def crop_masks(masks: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     """
     masks, boxes = np.asarray(masks), np.asarray(boxes, dtype=np.float64)
     if masks.ndim != 3 or masks.dtype != bool or boxes.shape != (len(masks), 4):
-        raise ValueError(f"crop_masks needs bool (n, S, S) masks and (n, 4) boxes, got "
-                         f"{masks.dtype} {masks.shape} and {boxes.shape}")
+        raise ValueError(
+            f"crop_masks needs bool (n, S, S) masks and (n, 4) boxes, got {masks.dtype} {masks.shape} and {boxes.shape}"
+        )
     side = masks.shape[1]
     grid = np.clip(boxes, 0.0, 1.0) * side
-    rows = np.stack([area_weights(side, size, y0, y1) for _, y0, _, y1 in grid]) if len(masks) else \
-        np.zeros((0, size, side), np.float32)
-    cols = np.stack([area_weights(side, size, x0, x1) for x0, _, x1, _ in grid]) if len(masks) else \
-        np.zeros((0, size, side), np.float32)
+    rows = (
+        np.stack([area_weights(side, size, y0, y1) for _, y0, _, y1 in grid])
+        if len(masks)
+        else np.zeros((0, size, side), np.float32)
+    )
+    cols = (
+        np.stack([area_weights(side, size, x0, x1) for x0, _, x1, _ in grid])
+        if len(masks)
+        else np.zeros((0, size, side), np.float32)
+    )
     coverage = rows @ masks.astype(np.float32) @ cols.transpose(0, 2, 1)
     return _threshold(coverage, masks.reshape(len(masks), side * side).any(axis=1))
 
@@ -114,6 +122,7 @@ def normalized_box(mask: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- IoU
 
+
 def _popcount(bits: np.ndarray) -> np.ndarray:
     """Set bits per row of a uint8 (M, B) array, as int64 (M,)."""
     if bits.shape[-1] % 8 == 0 and bits.flags.c_contiguous:
@@ -127,17 +136,24 @@ def mask_iou(query_bits: np.ndarray, bits: np.ndarray) -> np.ndarray:
     """IoU of one packed mask uint8 (B,) with each of uint8 (M, B): float32 (M,).
     Two empty masks have IoU 0 (see the module docstring)."""
     query_bits, bits = np.asarray(query_bits), np.asarray(bits)
-    if query_bits.dtype != np.uint8 or bits.dtype != np.uint8 or bits.ndim != 2 \
-            or query_bits.shape != bits.shape[1:]:
-        raise ValueError(f"mask_iou needs packed uint8 masks (B,) and (M, B), got {query_bits.dtype} "
-                         f"{query_bits.shape} and {bits.dtype} {bits.shape}")
+    if query_bits.dtype != np.uint8 or bits.dtype != np.uint8 or bits.ndim != 2 or query_bits.shape != bits.shape[1:]:
+        raise ValueError(
+            f"mask_iou needs packed uint8 masks (B,) and (M, B), got {query_bits.dtype} "
+            f"{query_bits.shape} and {bits.dtype} {bits.shape}"
+        )
     inter = _popcount(np.ascontiguousarray(bits & query_bits))
     union = _popcount(np.ascontiguousarray(bits | query_bits))
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
 
 
-def mask_iou_cropped(query_bits: np.ndarray, query_box: np.ndarray, bits: np.ndarray, boxes: np.ndarray,
-                     mask_size: int, crop_size: int = 32) -> np.ndarray:
+def mask_iou_cropped(
+    query_bits: np.ndarray,
+    query_box: np.ndarray,
+    bits: np.ndarray,
+    boxes: np.ndarray,
+    mask_size: int,
+    crop_size: int = 32,
+) -> np.ndarray:
     """IoU after cropping every mask to its normalised box and resizing it to crop_size^2:
     float32 (M,). Compares shapes whatever the object's position and scale in the frame."""
     bits = np.asarray(bits)

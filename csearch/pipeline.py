@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -52,8 +53,7 @@ def load_models(config: Config) -> Models:
     from .models import load_extractor
 
     localizer = make_localizer(config.localize)
-    extractor = load_extractor(config.embed.extractor, config.embed.weights,
-                               image_size=config.preprocess.image_size)
+    extractor = load_extractor(config.embed.extractor, config.embed.weights, image_size=config.preprocess.image_size)
     classifier = None
     if config.classify.classifier:
         from .classify import Classifier
@@ -75,11 +75,14 @@ def verify_files(recorded: Sequence[dict]) -> None:
     for entry in recorded:
         path = Path(entry["path"])
         if not path.is_file():
-            raise ModelMismatch(f"model file {path} recorded by the index is missing (moved or deleted); "
-                                f"put it back or rebuild the index")
+            raise ModelMismatch(
+                f"model file {path} recorded by the index is missing (moved or deleted); "
+                f"put it back or rebuild the index"
+            )
         if file_sha256(path) != entry["sha256"]:
-            raise ModelMismatch(f"model file {path} changed since the index was built (sha256 differs); "
-                                f"rebuild the index")
+            raise ModelMismatch(
+                f"model file {path} changed since the index was built (sha256 differs); rebuild the index"
+            )
 
 
 # ----------------------------------------------------------------------------- one image
@@ -142,8 +145,9 @@ def prepare_image(image: np.ndarray, config: Config, localizer, classifier=None)
         # the whole photo classifies far better than the cut-out (0.753 vs 0.547 top-1 on the
         # Grocery val photos, docs/results/retrieval.md); "cutout" keeps the paper's order
         if config.classify.input == "cutout":
-            classifier_input = model_input(loc.cutout, classifier.image_size, classifier.color, box,
-                                           config.localize.margin)
+            classifier_input = model_input(
+                loc.cutout, classifier.image_size, classifier.color, box, config.localize.margin
+            )
         else:  # "photo" (the config allows no other value)
             classifier_input = model_input(image, classifier.image_size, classifier.color)
     height, width = image.shape[:2]
@@ -171,8 +175,9 @@ class IndexReport:
         return self.added / self.seconds if self.seconds > 0 else 0.0
 
 
-def _prepare_records(records: Sequence[Record], config: Config, models: Models,
-                     workers: int) -> Iterator[tuple[Record, Optional[Prepared], Optional[str]]]:
+def _prepare_records(
+    records: Sequence[Record], config: Config, models: Models, workers: int
+) -> Iterator[tuple[Record, Optional[Prepared], Optional[str]]]:
     """Decode + localize in a small thread pool (ONNX Runtime and OpenCV release the GIL), in order."""
 
     def work(record: Record):
@@ -232,16 +237,24 @@ def _open_or_create(out: Path, config: Config, models: Models, overwrite: bool):
     if out.exists() and not overwrite and any(out.iterdir()):
         store = IndexStore.open(out)
         if index_config(store.meta).to_dict() != meta["config"] or store.meta.get("models") != meta["models"]:
-            raise StoreError(f"{out} already holds an index built with other settings or models; "
-                             f"use `csearch add` to extend it, --overwrite to replace it, or another --out")
+            raise StoreError(
+                f"{out} already holds an index built with other settings or models; "
+                f"use `csearch add` to extend it, --overwrite to replace it, or another --out"
+            )
         return store
-    return IndexStore.create(out, meta=meta, dim=vector_dim(config, models.extractor),
-                             mask_size=config.search.mask_size, overwrite=overwrite)
+    return IndexStore.create(
+        out, meta=meta, dim=vector_dim(config, models.extractor), mask_size=config.search.mask_size, overwrite=overwrite
+    )
 
 
-def add_records(store, records: Sequence[Record], config: Config, models: Models,
-                progress: Optional[Callable[[int], None]] = None,
-                workers: int = 2) -> tuple[np.ndarray, list]:
+def add_records(
+    store,
+    records: Sequence[Record],
+    config: Config,
+    models: Models,
+    progress: Optional[Callable[[int], None]] = None,
+    workers: int = 2,
+) -> tuple[np.ndarray, list]:
     """Extract and store `records` in committed chunks; returns (the new ids: int64, ascending,
     one per record indexed; the failures as (path, reason))."""
     added, failures = [np.zeros(0, np.int64)], []
@@ -252,10 +265,16 @@ def add_records(store, records: Sequence[Record], config: Config, models: Models
         if good:
             vectors = embed_prepared(models.extractor, [p for _, p in good], config)
             categories = [_label(r, p, models) for r, p in good]
-            added.append(store.add(vectors=vectors, masks=np.stack([p.mask for _, p in good]),
-                                   boxes=np.stack([p.box for _, p in good]),
-                                   paths=[str(Path(r.path).resolve()) for r, _ in good],
-                                   categories=categories, products=[r.product for r, _ in good]))
+            added.append(
+                store.add(
+                    vectors=vectors,
+                    masks=np.stack([p.mask for _, p in good]),
+                    boxes=np.stack([p.box for _, p in good]),
+                    paths=[str(Path(r.path).resolve()) for r, _ in good],
+                    categories=categories,
+                    products=[r.product for r, _ in good],
+                )
+            )
         if progress:
             progress(len(chunk))
     return np.concatenate(added), failures
@@ -267,9 +286,15 @@ def _label(record: Record, prepared: Prepared, models: Models) -> Optional[str]:
     return models.classifier.predict_top(prepared.classifier_input[None], 1)[0].category
 
 
-def build_index(catalogue: Catalogue, config: Config, out: str | Path, overwrite: bool = False,
-                progress: Optional[Callable[[int], None]] = None, models: Optional[Models] = None,
-                workers: int = 2) -> IndexReport:
+def build_index(
+    catalogue: Catalogue,
+    config: Config,
+    out: str | Path,
+    overwrite: bool = False,
+    progress: Optional[Callable[[int], None]] = None,
+    models: Optional[Models] = None,
+    workers: int = 2,
+) -> IndexReport:
     """Index a catalogue into `out`. Re-running on an interrupted index resumes where it stopped."""
     started = time.perf_counter()
     out = Path(out)
@@ -283,8 +308,14 @@ def build_index(catalogue: Catalogue, config: Config, out: str | Path, overwrite
         progress(len(catalogue.records) - len(todo))
     ids, failures = add_records(store, todo, config, models, progress, workers)
     store.update_meta({"complete": True, "catalogue": catalogue.spec})
-    return IndexReport(str(out), len(ids), len(catalogue.records) - len(todo),
-                       tuple(failures) + tuple(catalogue.skipped), time.perf_counter() - started, config)
+    return IndexReport(
+        str(out),
+        len(ids),
+        len(catalogue.records) - len(todo),
+        tuple(failures) + tuple(catalogue.skipped),
+        time.perf_counter() - started,
+        config,
+    )
 
 
 # ----------------------------------------------------------------------------- online
@@ -299,8 +330,7 @@ class Engine:
         self.models = models
 
     @classmethod
-    def open(cls, index_dir: str | Path, search_overrides: Optional[dict] = None,
-             verify: bool = True) -> "Engine":
+    def open(cls, index_dir: str | Path, search_overrides: Optional[dict] = None, verify: bool = True) -> Engine:
         from .store import IndexStore
 
         store = IndexStore.open(index_dir)
@@ -312,8 +342,10 @@ class Engine:
             config = merge(config, {f"search.{k}": v for k, v in search_overrides.items() if v is not None})
         models = load_models(config)
         if vector_dim(config, models.extractor) != store.dim:
-            raise ModelMismatch(f"{index_dir} holds {store.dim}-d vectors but its config gives "
-                                f"{vector_dim(config, models.extractor)}-d ones; rebuild the index")
+            raise ModelMismatch(
+                f"{index_dir} holds {store.dim}-d vectors but its config gives "
+                f"{vector_dim(config, models.extractor)}-d ones; rebuild the index"
+            )
         return cls(store, config, models)
 
     @property
@@ -336,11 +368,20 @@ class Engine:
             return None
         return self.models.classifier.predict_top(prepared.classifier_input[None], self.config.classify.top_n)[0]
 
-    def query(self, image: ImageSource, k: Optional[int] = None, category: Optional[str] = None,
-              exclude_ids: Iterable[int] = (), **search: object) -> QueryResult:
+    def query(
+        self,
+        image: ImageSource,
+        k: Optional[int] = None,
+        category: Optional[str] = None,
+        exclude_ids: Iterable[int] = (),
+        **search: object,
+    ) -> QueryResult:
         """Localize, classify, restricted exact KNN, optional mask re-ranking: the paper's online stage."""
-        config = merge(self.config, {f"search.{k_}": v for k_, v in search.items() if v is not None}) \
-            if search else self.config
+        config = (
+            merge(self.config, {f"search.{k_}": v for k_, v in search.items() if v is not None})
+            if search
+            else self.config
+        )
         k = config.search.k if k is None else int(k)
         prepared = self.prepare(image)
         timings = dict(prepared.timings_ms)
@@ -357,21 +398,46 @@ class Engine:
         shown = category if category is not None else (prediction.category if prediction else None)
         return QueryResult(shown, tuple(hits), timings, prepared.localization)
 
-    def search(self, vector: np.ndarray, mask: np.ndarray, k: int, categories: Optional[Sequence[str]],
-               config: Optional[Config] = None, exclude_ids: Iterable[int] = (),
-               box: Optional[np.ndarray] = None) -> tuple[list[Hit], dict]:
+    def search(
+        self,
+        vector: np.ndarray,
+        mask: np.ndarray,
+        k: int,
+        categories: Optional[Sequence[str]],
+        config: Optional[Config] = None,
+        exclude_ids: Iterable[int] = (),
+        box: Optional[np.ndarray] = None,
+    ) -> tuple[list[Hit], dict]:
         """Exact KNN over the (restricted) gallery, then re-rank the top candidates by mask IoU:
         `csearch.search.search_snapshot`, the function the retrieval evaluation ranks with. Reads
         one snapshot of the index, so concurrent adds/removes never mix into a query."""
         from .search import search_snapshot
 
         snap = self.store.snapshot
-        ranking = search_snapshot(snap, vector, mask, box, k=k, settings=(config or self.config).search,
-                                  categories=categories, exclude_ids=exclude_ids)
-        hits = [Hit(id=r["id"], path=r["path"], product=r["product"], category=r["category"], distance=float(distance),
-                    iou=None if np.isnan(iou) else float(iou), score=float(score))
-                for r, distance, score, iou in zip(snap.records(ranking.rows), ranking.distances, ranking.scores,
-                                                   ranking.ious)]
+        ranking = search_snapshot(
+            snap,
+            vector,
+            mask,
+            box,
+            k=k,
+            settings=(config or self.config).search,
+            categories=categories,
+            exclude_ids=exclude_ids,
+        )
+        hits = [
+            Hit(
+                id=r["id"],
+                path=r["path"],
+                product=r["product"],
+                category=r["category"],
+                distance=float(distance),
+                iou=None if np.isnan(iou) else float(iou),
+                score=float(score),
+            )
+            for r, distance, score, iou in zip(
+                snap.records(ranking.rows), ranking.distances, ranking.scores, ranking.ious
+            )
+        ]
         return hits, dict(ranking.timings)
 
     def add(self, records: Sequence[Record], progress=None, workers: int = 2) -> tuple[np.ndarray, list]:
@@ -391,8 +457,9 @@ def index_config(meta: dict) -> Config:
     return config_from_dict(data)
 
 
-def searched_categories(prediction: Optional[Prediction], category: Optional[str],
-                        config: Config) -> Optional[list[str]]:
+def searched_categories(
+    prediction: Optional[Prediction], category: Optional[str], config: Config
+) -> Optional[list[str]]:
     """The categories a query searches: an explicit one, else the classifier's top-n, else all."""
     if category is not None:
         return [category]
@@ -414,8 +481,10 @@ def resolve_config(config: Config) -> Config:
         get_spec(embed.extractor)  # unknown names fail here, listing the valid ones
         weights = resolve_weights(embed.extractor, embed.weights)
         if weights is None:
-            raise ConfigError(f"extractor {embed.extractor!r} has no weights (weights: {embed.weights}); an index "
-                              f"needs fixed weights: pass 'imagenet' or a weights file")
+            raise ConfigError(
+                f"extractor {embed.extractor!r} has no weights (weights: {embed.weights}); an index "
+                f"needs fixed weights: pass 'imagenet' or a weights file"
+            )
         embed = replace(embed, weights=str(Path(weights).resolve()))
     if localize.backend == "u2net" and not localize.model:
         localize = replace(localize, model=str(resolve_weights("u2netp", "imagenet")))

@@ -76,8 +76,10 @@ def load_image(source: ImageSource, max_pixels: int = 40_000_000, min_side: int 
     image, name = _open(source)
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(f"{name}: image too large ({width}x{height} = {width * height / 1e6:.1f} MP; "
-                         f"limit {max_pixels / 1e6:.0f} MP)")
+        raise ImageError(
+            f"{name}: image too large ({width}x{height} = {width * height / 1e6:.1f} MP; "
+            f"limit {max_pixels / 1e6:.0f} MP)"
+        )
     if min(width, height) < min_side:
         raise ImageError(f"{name}: image too small ({width}x{height}; need at least {min_side} px a side)")
     try:
@@ -89,8 +91,9 @@ def load_image(source: ImageSource, max_pixels: int = 40_000_000, min_side: int 
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
 
 
-def validate_image(image: np.ndarray, min_side: int = 8, max_pixels: int = 40_000_000,
-                   name: str = "image") -> np.ndarray:
+def validate_image(
+    image: np.ndarray, min_side: int = 8, max_pixels: int = 40_000_000, name: str = "image"
+) -> np.ndarray:
     """Check an in-memory image: uint8 (H, W, 3). Grayscale (H, W) is replicated."""
     if not isinstance(image, np.ndarray):
         raise ImageError(f"{name}: expected a numpy array, got {type(image).__name__}")
@@ -146,12 +149,20 @@ def pad_to_square(image: np.ndarray, value: int = WHITE) -> np.ndarray:
     height, width = image.shape[:2]
     side = max(height, width)
     top, left = (side - height) // 2, (side - width) // 2
-    return cv2.copyMakeBorder(image, top, side - height - top, left, side - width - left,
-                              cv2.BORDER_CONSTANT, value=(value,) * 3 if image.ndim == 3 else value)
+    return cv2.copyMakeBorder(
+        image,
+        top,
+        side - height - top,
+        left,
+        side - width - left,
+        cv2.BORDER_CONSTANT,
+        value=(value,) * 3 if image.ndim == 3 else value,
+    )
 
 
-def model_input(image: np.ndarray, size: int, color: str,
-                box: Optional[tuple[int, int, int, int]] = None, margin: float = 0.0) -> np.ndarray:
+def model_input(
+    image: np.ndarray, size: int, color: str, box: Optional[tuple[int, int, int, int]] = None, margin: float = 0.0
+) -> np.ndarray:
     """The extractor/classifier input: optional crop to `box` (squared with white), resize, colour."""
     if box is not None:
         x0, y0, x1, y1 = expand_box(box, image.shape[:2], margin)

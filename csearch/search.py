@@ -27,8 +27,9 @@ which is no evidence that two images show the same shape.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -44,8 +45,10 @@ RERANK_METHODS = ("none", "iou", "fused", "iou_crop", "fused_crop")
 
 # ---------------------------------------------------------------------------------- re-ranking
 
-def rerank(distances: np.ndarray, ious: Optional[np.ndarray] = None, method: str = "none",
-           weight: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+
+def rerank(
+    distances: np.ndarray, ious: Optional[np.ndarray] = None, method: str = "none", weight: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
     """Re-order candidates (n,) best first: returns (order int64 (n,), scores float32 (n,)),
     scores[i] belonging to candidate order[i]. See the module docstring for each method; the
     `_crop` methods order like their base, given IoUs from `mask_iou_cropped`. Remaining ties
@@ -74,9 +77,17 @@ def rerank(distances: np.ndarray, ious: Optional[np.ndarray] = None, method: str
     return order, scores[order].astype(np.float32)
 
 
-def rerank_with_masks(distances: np.ndarray, query_bits: np.ndarray, query_box: np.ndarray,
-                      bits: np.ndarray, boxes: np.ndarray, mask_size: int, method: str = "none",
-                      weight: float = 0.5, crop_size: int = 32):
+def rerank_with_masks(
+    distances: np.ndarray,
+    query_bits: np.ndarray,
+    query_box: np.ndarray,
+    bits: np.ndarray,
+    boxes: np.ndarray,
+    mask_size: int,
+    method: str = "none",
+    weight: float = 0.5,
+    crop_size: int = 32,
+):
     """`rerank` with the IoUs the method needs: returns (order, scores, ious in that order, or
     None for method "none"). bits/boxes are the candidates' packed masks and boxes."""
     if method not in RERANK_METHODS:
@@ -114,8 +125,9 @@ class Ranking:
         return len(self.rows)
 
 
-def allowed_rows(snapshot, categories: Optional[Sequence[str]], exclude_ids: Iterable[int] = ()
-                 ) -> Optional[np.ndarray]:
+def allowed_rows(
+    snapshot, categories: Optional[Sequence[str]], exclude_ids: Iterable[int] = ()
+) -> Optional[np.ndarray]:
     """Ascending snapshot rows a query may return: those of `categories` (all when empty or
     None) minus the items `exclude_ids` (ids not in the snapshot are ignored); None: every row."""
     rows = snapshot.rows_for_categories(categories) if categories else None
@@ -129,9 +141,18 @@ def allowed_rows(snapshot, categories: Optional[Sequence[str]], exclude_ids: Ite
     return rows
 
 
-def search_snapshot(snapshot, vector: np.ndarray, mask: np.ndarray, box: Optional[np.ndarray] = None, *,
-                    k: int, settings: "SearchConfig", categories: Optional[Sequence[str]] = None,
-                    exclude_ids: Iterable[int] = (), reorder: Optional[Reorder] = None) -> Ranking:
+def search_snapshot(
+    snapshot,
+    vector: np.ndarray,
+    mask: np.ndarray,
+    box: Optional[np.ndarray] = None,
+    *,
+    k: int,
+    settings: SearchConfig,
+    categories: Optional[Sequence[str]] = None,
+    exclude_ids: Iterable[int] = (),
+    reorder: Optional[Reorder] = None,
+) -> Ranking:
     """The k best items of `snapshot` for one query: restriction to `categories` minus
     `exclude_ids`, exact KNN (`settings.engine`), then the first `settings.rerank_top`
     candidates re-ordered by `settings.rerank` (or by `reorder`, which replaces it).
@@ -153,8 +174,7 @@ def search_snapshot(snapshot, vector: np.ndarray, mask: np.ndarray, box: Optiona
     scores = (1.0 / (1.0 + distances.astype(np.float64))).astype(np.float32)  # KNN order's scores
     ious = np.full(len(found), np.nan, np.float32)
     if top:
-        order, top_scores, top_ious = _rerank_top(snapshot, found[:top], distances[:top], mask, box, settings,
-                                                  reorder)
+        order, top_scores, top_ious = _rerank_top(snapshot, found[:top], distances[:top], mask, box, settings, reorder)
         found = np.concatenate([found[:top][order], found[top:]])
         distances = np.concatenate([distances[:top][order], distances[top:]])
         scores[:top] = scores[:top][order] if top_scores is None else top_scores
@@ -166,8 +186,15 @@ def search_snapshot(snapshot, vector: np.ndarray, mask: np.ndarray, box: Optiona
     return Ranking(found, ids, distances, scores, ious, timings)
 
 
-def _rerank_top(snapshot, rows: np.ndarray, distances: np.ndarray, mask: np.ndarray, box: Optional[np.ndarray],
-                settings: "SearchConfig", reorder: Optional[Reorder]):
+def _rerank_top(
+    snapshot,
+    rows: np.ndarray,
+    distances: np.ndarray,
+    mask: np.ndarray,
+    box: Optional[np.ndarray],
+    settings: SearchConfig,
+    reorder: Optional[Reorder],
+):
     """(order, scores or None, IoUs or None) of the candidates to re-rank; a `reorder` gives
     the order only (its candidates keep their KNN scores)."""
     if reorder is not None:
@@ -175,6 +202,13 @@ def _rerank_top(snapshot, rows: np.ndarray, distances: np.ndarray, mask: np.ndar
     mask = np.asarray(mask)
     query_bits = pack_masks(mask[None])[0] if mask.dtype == bool else mask
     query_box = np.array([0, 0, 1, 1], np.float32) if box is None else box
-    return rerank_with_masks(distances, query_bits, query_box, snapshot.gather("masks", rows),
-                             snapshot.gather("boxes", rows), snapshot.mask_size, method=settings.rerank,
-                             weight=settings.rerank_weight)
+    return rerank_with_masks(
+        distances,
+        query_bits,
+        query_box,
+        snapshot.gather("masks", rows),
+        snapshot.gather("boxes", rows),
+        snapshot.mask_size,
+        method=settings.rerank,
+        weight=settings.rerank_weight,
+    )

@@ -93,8 +93,16 @@ def export(net, feeds: dict[str, np.ndarray], outputs: list[str], out: Path, ops
     args = tuple(torch.from_numpy(v) for v in feeds.values())
     dynamic = None if fixed else {name: {2: "height", 3: "width"} for name in [*feeds, *outputs]}
     with torch.no_grad():
-        torch.onnx.export(net, args, str(out), input_names=list(feeds), output_names=outputs,
-                          opset_version=opset, dynamic_axes=dynamic, do_constant_folding=True)
+        torch.onnx.export(
+            net,
+            args,
+            str(out),
+            input_names=list(feeds),
+            output_names=outputs,
+            opset_version=opset,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
         reference = net(*args)
     reference = reference[0] if isinstance(reference, (tuple, list)) else reference
     verify(out, feeds, reference.numpy())
@@ -118,10 +126,11 @@ def check_interface(kind: str, out: Path, size: int) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Export U²-Net / U²-Net-p / FBA checkpoints to ONNX "
-                                     "(needs torch and the authors' code).",
-                                     epilog=__doc__.split("Usage:")[1].split("Then put")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Export U²-Net / U²-Net-p / FBA checkpoints to ONNX (needs torch and the authors' code).",
+        epilog=__doc__.split("Usage:")[1].split("Then put")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", choices=["u2netp", "u2net", "fba"], help="which network the checkpoint is")
     parser.add_argument("--repo", type=Path, required=True, help="checkout of the authors' code")
     parser.add_argument("--checkpoint", type=Path, required=True, help="the .pth weights")
@@ -140,11 +149,18 @@ def main(argv=None) -> int:
     if args.size % 32:
         raise SystemExit("--size must be a multiple of 32")
     if args.model == "fba":
-        export(build_fba(args.repo, args.checkpoint), fba_example(args.size), ["output"], args.out,
-               args.opset, args.fixed)
+        export(
+            build_fba(args.repo, args.checkpoint), fba_example(args.size), ["output"], args.out, args.opset, args.fixed
+        )
     else:
-        export(build_u2net(args.model, args.repo, args.checkpoint), u2net_example(args.model, args.size), U2NET_OUTPUTS,
-               args.out, args.opset, args.fixed)
+        export(
+            build_u2net(args.model, args.repo, args.checkpoint),
+            u2net_example(args.model, args.size),
+            U2NET_OUTPUTS,
+            args.out,
+            args.opset,
+            args.fixed,
+        )
     check_interface(args.model, args.out, args.size)
     return 0
 

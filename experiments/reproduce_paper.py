@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIGS = sorted(HERE.glob("classifier_*.yaml"))
@@ -67,8 +68,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except errors.CSearchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = {run_name(p): {k: r[k] for k in ("accuracy", "average_accuracy", "per_class_accuracy_min")}
-               for p, r in zip(configs, results)}
+    summary = {
+        run_name(p): {k: r[k] for k in ("accuracy", "average_accuracy", "per_class_accuracy_min")}
+        for p, r in zip(configs, results)
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(f"Table 2 ({out / 'evaluation' / 'table2.md'}):\n" + (out / "evaluation" / "table2.md").read_text())
     return 0

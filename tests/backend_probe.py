@@ -34,8 +34,9 @@ def inference_mode_check(wrapped: bool = True) -> tuple[bool, bool]:
     out = keras.layers.Dense(2, activation="softmax")(sub(x_in, training=False))
     model = keras.Model(x_in, out)
     x = np.random.default_rng(0).normal(5, 3, (16, 4)).astype(np.float32)
-    same = np.allclose(keras.ops.convert_to_numpy(model(x, training=True)),
-                       keras.ops.convert_to_numpy(model(x, training=False)))
+    same = np.allclose(
+        keras.ops.convert_to_numpy(model(x, training=True)), keras.ops.convert_to_numpy(model(x, training=False))
+    )
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     model.fit(x, np.arange(16) % 2, epochs=1, batch_size=16, verbose=0)
     unmoved = np.allclose(keras.ops.convert_to_numpy(inner.layers[1].moving_mean), 0.0)
@@ -45,18 +46,40 @@ def inference_mode_check(wrapped: bool = True) -> tuple[bool, bool]:
 def train_runs(catalogue: str, work: Path) -> dict:
     from csearch import classify, train
 
-    common = ["--data", catalogue, "--backbone", "mobilenet", "--weights", "none", "--image-size", "32",
-              "--epochs", "2", "--batch-size", "4", "--set", "copies=1", "--seed", "0"]
-    modes = {"features": ["--freeze-backbone"], "activations": ["--unfreeze", "7"],
-             "images": ["--freeze-backbone", "--set", "cache=none"]}
+    common = [
+        "--data",
+        catalogue,
+        "--backbone",
+        "mobilenet",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--set",
+        "copies=1",
+        "--seed",
+        "0",
+    ]
+    modes = {
+        "features": ["--freeze-backbone"],
+        "activations": ["--unfreeze", "7"],
+        "images": ["--freeze-backbone", "--set", "cache=none"],
+    }
     results = {}
     for mode, extra in modes.items():
         out = work / mode
         code = train.main(["classifier", *common, *extra, "--out", str(out)])
         summary = json.loads((out / "summary.json").read_text()) if code == 0 else {}
         probs = classify.Classifier.load(out).predict(np.full((2, 32, 32, 3), 128, np.uint8)) if code == 0 else None
-        results[mode] = {"code": code, "mode": summary.get("mode"),
-                         "probs_sum": None if probs is None else np.asarray(probs).sum(axis=1).round(5).tolist()}
+        results[mode] = {
+            "code": code,
+            "mode": summary.get("mode"),
+            "probs_sum": None if probs is None else np.asarray(probs).sum(axis=1).round(5).tolist(),
+        }
     return results
 
 
@@ -90,9 +113,13 @@ def main() -> int:
         from conftest import write_catalogue
 
         write_catalogue(Path(catalogue), size=(40, 40))
-    report = {"backend": keras.backend.backend(), "device": compute_device(keras.backend.backend()),
-              "inference_mode": all(inference_mode_check(True)) and not any(inference_mode_check(False)),
-              "train": train_runs(catalogue, work), "extractor": extractor_dim()}
+    report = {
+        "backend": keras.backend.backend(),
+        "device": compute_device(keras.backend.backend()),
+        "inference_mode": all(inference_mode_check(True)) and not any(inference_mode_check(False)),
+        "train": train_runs(catalogue, work),
+        "extractor": extractor_dim(),
+    }
     print("PROBE " + json.dumps(report))
     return 0
 

@@ -37,8 +37,9 @@ def grocery() -> Path:
     return GROCERY
 
 
-def draw_object(size=(96, 128), shape="ellipse", color=(200, 30, 30), background=(255, 255, 255),
-                noise=0.0, seed=0, box=None):
+def draw_object(
+    size=(96, 128), shape="ellipse", color=(200, 30, 30), background=(255, 255, 255), noise=0.0, seed=0, box=None
+):
     """A synthetic product photo: one filled shape on a plain (or noisy) background.
 
     Returns (image uint8 (H, W, 3), mask bool (H, W)) with the exact object mask.
@@ -85,9 +86,14 @@ def write_catalogue(root: Path, categories=("bottle", "jar"), products=2, images
             for ii in range(images):
                 h, w = size
                 jitter = int(rng.integers(0, 4))
-                image, _ = draw_object(size, shape=shapes[(ci + pi) % 3], color=color, noise=4.0,
-                                       seed=int(rng.integers(1 << 30)),
-                                       box=(w // 4 + jitter, h // 5, 3 * w // 4 + jitter, 4 * h // 5))
+                image, _ = draw_object(
+                    size,
+                    shape=shapes[(ci + pi) % 3],
+                    color=color,
+                    noise=4.0,
+                    seed=int(rng.integers(1 << 30)),
+                    box=(w // 4 + jitter, h // 5, 3 * w // 4 + jitter, 4 * h // 5),
+                )
                 Image.fromarray(image).save(folder / f"img{ii}.png")
     return root
 
@@ -114,14 +120,15 @@ def write_tiny_extractor(path: Path, size: int = 32, features: int = 24, seed: i
         helper.make_node("Reshape", ["pool", "shape"], ["features"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_extractor",
+        nodes,
+        "tiny_extractor",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", features])],
-        [weight, bias, shape])
+        [weight, bias, shape],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    for key, value in {"csearch.role": "extractor", "csearch.layout": "nchw",
-                       "csearch.preprocessing": "raw"}.items():
+    for key, value in {"csearch.role": "extractor", "csearch.layout": "nchw", "csearch.preprocessing": "raw"}.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)
@@ -139,6 +146,12 @@ def tiny_config(tiny_extractor):
     """A fast, weight-free pipeline config: classical localization + the tiny ONNX extractor."""
     from csearch.config import load_config
 
-    return load_config(overrides={"embed.extractor": str(tiny_extractor), "localize.backend": "classical",
-                                  "localize.matting": "none", "preprocess.image_size": 32,
-                                  "embed.batch_size": 4})
+    return load_config(
+        overrides={
+            "embed.extractor": str(tiny_extractor),
+            "localize.backend": "classical",
+            "localize.matting": "none",
+            "preprocess.image_size": 32,
+            "embed.batch_size": 4,
+        }
+    )

@@ -56,17 +56,24 @@ def _whiteness_constants() -> list[onnx.TensorProto]:
 def u2net_onnx(path: Path, size: int = 320) -> Path:
     """U²-Net-signature model with fixed dims, like the published export (a stale fixed-size
     value_info included, which must be dropped to run other sizes)."""
-    nodes = [helper.make_node("Mul", ["input.1", "std"], ["scaled"]),
-             helper.make_node("Add", ["scaled", "mean"], ["rgb"])]
+    nodes = [
+        helper.make_node("Mul", ["input.1", "std"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "mean"], ["rgb"]),
+    ]
     nodes += _whiteness_nodes("rgb", U2NET_OUTPUTS[0])
     nodes += [helper.make_node("Identity", [U2NET_OUTPUTS[0]], [name]) for name in U2NET_OUTPUTS[1:]]
     graph = helper.make_graph(
-        nodes, "u2net_like",
+        nodes,
+        "u2net_like",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, size, size])],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 1, size, size]) for name in U2NET_OUTPUTS],
-        initializer=[_const("std", STD.reshape(1, 3, 1, 1)), _const("mean", MEAN.reshape(1, 3, 1, 1)),
-                     *_whiteness_constants()],
-        value_info=[helper.make_tensor_value_info(f"{U2NET_OUTPUTS[0]}_d", TensorProto.FLOAT, [1, 1, size, size])])
+        initializer=[
+            _const("std", STD.reshape(1, 3, 1, 1)),
+            _const("mean", MEAN.reshape(1, 3, 1, 1)),
+            *_whiteness_constants(),
+        ],
+        value_info=[helper.make_tensor_value_info(f"{U2NET_OUTPUTS[0]}_d", TensorProto.FLOAT, [1, 1, size, size])],
+    )
     return _save(graph, path)
 
 
@@ -79,8 +86,10 @@ def expected_u2net_saliency(rgb01: np.ndarray) -> np.ndarray:
 def fba_onnx(path: Path) -> Path:
     """FBA-signature model (dynamic H, W); alpha = fg + unknown * whiteness-sigmoid(image)."""
     dims = lambda c: [1, c, "height", "width"]  # noqa: E731
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims(c))
-              for name, c in (("image", 3), ("two_chan_trimap", 2), ("image_n", 3), ("trimap_transformed", 6))]
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, dims(c))
+        for name, c in (("image", 3), ("two_chan_trimap", 2), ("image_n", 3), ("trimap_transformed", 6))
+    ]
     nodes = [
         # identity only when H and W are multiples of 8, like the real network's stride
         helper.make_node("SpaceToDepth", ["image"], ["s2d"], blocksize=8),
@@ -99,17 +108,26 @@ def fba_onnx(path: Path) -> Path:
         helper.make_node("Add", ["alpha_raw", "nothing"], ["alpha"]),
         helper.make_node("Concat", ["alpha", "img", "img"], ["output"], axis=1),
     ]
-    graph = helper.make_graph(nodes, "fba_like", inputs,
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, dims(7))],
-                              initializer=[*_whiteness_constants(), _const("zero", 0.0)])
+    graph = helper.make_graph(
+        nodes,
+        "fba_like",
+        inputs,
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, dims(7))],
+        initializer=[*_whiteness_constants(), _const("zero", 0.0)],
+    )
     return _save(graph, path)
 
 
 def classifier_onnx(path: Path) -> Path:
     """An unrelated image classifier: input `input` [1,3,224,224] -> logits [1,3]."""
-    nodes = [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-             helper.make_node("Flatten", ["pooled"], ["logits"], axis=1)]
-    graph = helper.make_graph(nodes, "classifier_like",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])])
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["logits"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "classifier_like",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])],
+    )
     return _save(graph, path)

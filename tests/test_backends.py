@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_catalogue
 
 PROBE = Path(__file__).with_name("backend_probe.py")
@@ -28,13 +27,24 @@ def test_model_code_runs_on_another_backend(backend, tmp_path):
             pytest.fail("jax is a dev dependency: pip install -e '.[dev]'")
         pytest.skip(f"{backend} is not installed (pip install {backend} to run this check)")
     catalogue = write_catalogue(tmp_path / "catalogue", size=(40, 40))
-    env = {**os.environ, "KERAS_BACKEND": backend, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, str(PROBE), str(catalogue), str(tmp_path / "work")], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "CUDA_VISIBLE_DEVICES": "",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "JAX_PLATFORMS": "cpu",
+    }
+    done = subprocess.run(
+        [sys.executable, str(PROBE), str(catalogue), str(tmp_path / "work")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[1],
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("PROBE ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
-    report = json.loads(lines[-1][len("PROBE "):])
+    report = json.loads(lines[-1][len("PROBE ") :])
     assert report["backend"] == backend
     assert report["inference_mode"], "InferenceMode let fit() train the backbone's batch-norm"
     modes = {m: r["mode"] for m, r in report["train"].items()}

@@ -105,8 +105,9 @@ def write_run(run_dir, model, class_names, color="rgb"):
     run_dir.mkdir(parents=True, exist_ok=True)
     model.save(run_dir / classify.MODEL_FILE)
     (run_dir / classify.CLASSES_FILE).write_text(json.dumps(class_names))
-    (run_dir / classify.CONFIG_FILE).write_text(yaml.safe_dump(
-        {"train": {"backbone": "mobilenet", "image_size": SIZE, "color": color}}))
+    (run_dir / classify.CONFIG_FILE).write_text(
+        yaml.safe_dump({"train": {"backbone": "mobilenet", "image_size": SIZE, "color": color}})
+    )
     return run_dir
 
 

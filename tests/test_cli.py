@@ -11,8 +11,18 @@ from csearch.cli import main
 
 
 def tiny_flags(tiny_extractor):
-    return ["--extractor", str(tiny_extractor), "--localizer", "classical", "--matting", "none",
-            "--image-size", "32", "--batch-size", "4"]
+    return [
+        "--extractor",
+        str(tiny_extractor),
+        "--localizer",
+        "classical",
+        "--matting",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+    ]
 
 
 @pytest.fixture
@@ -59,20 +69,28 @@ def test_remove_then_add(index_dir, tiny_catalogue, capfd):
     assert json.loads(capfd.readouterr().out)["items"] == 12
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["query", "{index}", "{missing}"], "file not found"),
-    (["query", "{index}", "{bad}"], "not an image"),
-    (["query", "{missing}", "{bad}"], "index"),
-    (["remove", "{index}", "999"], "999"),
-    (["index", "{missing}", "--out", "{out}"], "catalogue not found"),
-    (["index", "{catalogue}", "--out", "{out}", "--extractor", "resnet5"], "Did you mean"),
-    (["index", "{catalogue}", "--out", "{out}", "--set", "embed.batchsize=3"], "Did you mean batch_size"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["query", "{index}", "{missing}"], "file not found"),
+        (["query", "{index}", "{bad}"], "not an image"),
+        (["query", "{missing}", "{bad}"], "index"),
+        (["remove", "{index}", "999"], "999"),
+        (["index", "{missing}", "--out", "{out}"], "catalogue not found"),
+        (["index", "{catalogue}", "--out", "{out}", "--extractor", "resnet5"], "Did you mean"),
+        (["index", "{catalogue}", "--out", "{out}", "--set", "embed.batchsize=3"], "Did you mean batch_size"),
+    ],
+)
 def test_bad_input_is_one_line_and_nonzero(argv, message, index_dir, tiny_catalogue, tmp_path, capfd):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"no image here")
-    values = {"index": index_dir, "missing": tmp_path / "missing.jpg", "bad": bad, "out": tmp_path / "o",
-              "catalogue": tiny_catalogue}
+    values = {
+        "index": index_dir,
+        "missing": tmp_path / "missing.jpg",
+        "bad": bad,
+        "out": tmp_path / "o",
+        "catalogue": tiny_catalogue,
+    }
     code = main([a.format(**values) for a in argv])
     captured = capfd.readouterr()
     assert code == 2 and captured.out == ""
@@ -90,4 +108,6 @@ def test_help_lists_subcommands():
 def test_models_lists_the_registry(capfd):
     assert main(["models", "--json"]) == 0
     rows = json.loads(capfd.readouterr().out)
-    assert {"resnet50", "mobilenet", "mobilenetv2", "efficientnetv2l", "resnet101v2", "u2netp"} <= {r["name"] for r in rows}
+    assert {"resnet50", "mobilenet", "mobilenetv2", "efficientnetv2l", "resnet101v2", "u2netp"} <= {
+        r["name"] for r in rows
+    }

@@ -18,13 +18,16 @@ def test_flags_override_file(tmp_path):
     assert config.embed.weights == Config().embed.weights  # None means "not given"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"embed.extracter": "x"}, "Did you mean extractor"),
-    ({"serch.k": 1}, "Did you mean search"),
-    ({"search.k": "many"}, "expects int"),
-    ({"search.restrict": "maybe"}, "expects bool"),
-    ({"k": 3}, "needs a section"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"embed.extracter": "x"}, "Did you mean extractor"),
+        ({"serch.k": 1}, "Did you mean search"),
+        ({"search.k": "many"}, "expects int"),
+        ({"search.restrict": "maybe"}, "expects bool"),
+        ({"k": 3}, "needs a section"),
+    ],
+)
 def test_bad_keys_and_values_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config(overrides=overrides)
@@ -55,7 +58,7 @@ def test_docs_config_lists_every_key_with_its_default():
     assert set(sections) == set(data)
     bounds = sorted(sections.values()) + [len(text)]
     for name, start in sections.items():
-        body = text[start:bounds[bounds.index(start) + 1]]
+        body = text[start : bounds[bounds.index(start) + 1]]
         rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", body, re.M))
         assert set(rows) == set(data[name]), name
         for key, value in data[name].items():

@@ -21,8 +21,9 @@ def test_folder_two_and_three_levels(tmp_path, tiny_catalogue):
 def test_manifest_relative_paths_unlabelled_and_missing(tmp_path, tiny_catalogue):
     image = next(tiny_catalogue.rglob("*.png"))
     manifest = tmp_path / "m.csv"
-    manifest.write_text(f"path,category,product\n{image},bottle,b1\n{image.relative_to(tmp_path)},,\n"
-                        f"missing.png,jar,j1\n")
+    manifest.write_text(
+        f"path,category,product\n{image},bottle,b1\n{image.relative_to(tmp_path)},,\nmissing.png,jar,j1\n"
+    )
     catalogue = read_catalogue(manifest)
     assert [(r.category, r.product) for r in catalogue.records] == [("bottle", "b1"), (None, None)]
     assert catalogue.skipped[0][1] == "file not found"
@@ -49,9 +50,11 @@ def test_grocery_list_and_classes(tmp_path, tiny_catalogue):
     image = next(tiny_catalogue.rglob("*.png")).read_bytes()
     (root / "train" / "a.png").write_bytes(image)
     (root / "iconic" / "A_Iconic.png").write_bytes(image)
-    (root / "classes.csv").write_text("Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int),"
-                                      "Iconic Image Path (str),Product Description Path (str)\n"
-                                      "Arla-Milk,0,Milk,0,/iconic/A_Iconic.png,/d.txt\n")
+    (root / "classes.csv").write_text(
+        "Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int),"
+        "Iconic Image Path (str),Product Description Path (str)\n"
+        "Arla-Milk,0,Milk,0,/iconic/A_Iconic.png,/d.txt\n"
+    )
     (root / "train.txt").write_text("train/a.png, 0, 0\ntrain/b.png, 0, 0\nbroken line\n")
     catalogue = read_catalogue(root / "train.txt")
     assert [(r.category, r.product) for r in catalogue.records] == [("Milk", "Arla-Milk")]

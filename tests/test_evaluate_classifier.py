@@ -14,9 +14,7 @@ from csearch.evaluation import classifier as ev
 from csearch.evaluation import confusion
 
 # rows = true, columns = predicted; worked by hand in the comments
-CM = np.array([[5, 1, 0],
-               [2, 3, 1],
-               [0, 0, 4]])  # N = 16, TP = 5, 3, 4; FP = 2, 1, 1; FN = 1, 3, 0; TN = 8, 9, 11
+CM = np.array([[5, 1, 0], [2, 3, 1], [0, 0, 4]])  # N = 16, TP = 5, 3, 4; FP = 2, 1, 1; FN = 1, 3, 0; TN = 8, 9, 11
 
 
 def test_counts_by_hand():
@@ -48,8 +46,14 @@ def test_accuracies_by_hand():
     assert s["per_class_accuracy_min"] == pytest.approx(0.5)
     assert s["macro_f1"] == pytest.approx((10 / 13 + 0.6 + 8 / 9) / 3)
     assert s["n_images"] == 16 and s["n_classes"] == 3
-    assert s["per_class"]["b"] == {"precision": 0.75, "recall": 0.5, "f1": 0.6, "accuracy": 0.5,
-                                   "one_vs_rest_accuracy": 0.75, "support": 6}
+    assert s["per_class"]["b"] == {
+        "precision": 0.75,
+        "recall": 0.5,
+        "f1": 0.6,
+        "accuracy": 0.5,
+        "one_vs_rest_accuracy": 0.75,
+        "support": 6,
+    }
 
 
 def test_perfect_and_absent_classes():
@@ -81,15 +85,18 @@ def test_confusion_matrix_and_validation():
 # --------------------------------------------------------------------------------------------
 # End to end on a tiny run (shared by the tests below; see tests/test_train.py for the trainer)
 
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from conftest import write_catalogue
+
     from csearch.train import TrainConfig, train_classifier
 
     root = tmp_path_factory.mktemp("evalrun")
     data = write_catalogue(root / "data", categories=("bottle", "jar", "tube"), products=1, images=4, size=(40, 40))
-    config = TrainConfig(backbone="mobilenet", weights="none", image_size=32, epochs=1, copies=1,
-                         batch_size=4, unfreeze=0)
+    config = TrainConfig(
+        backbone="mobilenet", weights="none", image_size=32, epochs=1, copies=1, batch_size=4, unfreeze=0
+    )
     train_classifier(config, str(data), root / "run", lambda _: None)
     return root / "run", data
 
@@ -106,8 +113,15 @@ def test_evaluate_cli_single(tiny_run, tmp_path, capfd):
     assert saved["n_images"] == 12 and saved["n_classes"] == 3
     assert set(saved["per_class"]) == {"bottle", "jar", "tube"}
     assert all(0 <= v["f1"] <= 1 for v in saved["per_class"].values())
-    for name in ("table1.csv", "table1.md", "table2.csv", "table2.md", "confusion_matrix.png", "history.png",
-                 "predictions.csv"):
+    for name in (
+        "table1.csv",
+        "table1.md",
+        "table2.csv",
+        "table2.md",
+        "confusion_matrix.png",
+        "history.png",
+        "predictions.csv",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert (out / "table1.md").read_text().count("\n") == 2 + 3
     assert "| run | mobilenet |" in (out / "table2.md").read_text()  # the run's name, not its path
@@ -132,8 +146,9 @@ def test_unknown_class_in_data_is_a_clear_error(tiny_run, tmp_path, capsys):
     other = write_catalogue(tmp_path / "other", categories=("bottle", "spoon"), products=1, images=1, size=(40, 40))
     with pytest.raises(ModelMismatch, match="spoon"):
         ev.evaluate_classifiers([run_dir], str(other), tmp_path / "o")
-    assert evaluate.main(["classifier", "--model", str(run_dir), "--data", str(other),
-                          "--out", str(tmp_path / "o")]) == 2
+    assert (
+        evaluate.main(["classifier", "--model", str(run_dir), "--data", str(other), "--out", str(tmp_path / "o")]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("csearch: error:") and "spoon" in err[-1]
 
@@ -144,7 +159,27 @@ def test_retrieval_subcommand_keeps_its_flags(capsys):
     assert exit_info.value.code == 0
     shown = capsys.readouterr().out
     assert "python -m csearch.evaluate retrieval" in shown
-    for flag in ("--gallery", "--queries", "--out", "--index", "--subset", "--limit", "--restrict", "--top-n",
-                 "--rerank", "--rerank-top", "--rerank-weight", "--ablate", "--figures", "--cache-dir",
-                 "--cached-queries", "--workers", "--json", "--config", "--set", "--extractor", "--classifier"):
+    for flag in (
+        "--gallery",
+        "--queries",
+        "--out",
+        "--index",
+        "--subset",
+        "--limit",
+        "--restrict",
+        "--top-n",
+        "--rerank",
+        "--rerank-top",
+        "--rerank-weight",
+        "--ablate",
+        "--figures",
+        "--cache-dir",
+        "--cached-queries",
+        "--workers",
+        "--json",
+        "--config",
+        "--set",
+        "--extractor",
+        "--classifier",
+    ):
         assert flag in shown, flag

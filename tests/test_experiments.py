@@ -12,8 +12,11 @@ import pytest
 from csearch.train import load_train_config, validate
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-CONFIGS = {"efficientnetv2l": "classifier_efficientnetv2l.yaml", "mobilenetv2": "classifier_mobilenetv2.yaml",
-           "resnet101v2": "classifier_resnet101v2.yaml"}
+CONFIGS = {
+    "efficientnetv2l": "classifier_efficientnetv2l.yaml",
+    "mobilenetv2": "classifier_mobilenetv2.yaml",
+    "resnet101v2": "classifier_resnet101v2.yaml",
+}
 
 
 def load_script():
@@ -36,19 +39,38 @@ def test_table2_configs_follow_the_paper(backbone):
 def test_reproduce_paper_end_to_end(tmp_path):
     from conftest import write_catalogue
 
-    data = write_catalogue(tmp_path / "train", categories=("bottle", "jar", "tube"), products=1, images=4,
-                           size=(40, 40))
-    test = write_catalogue(tmp_path / "test", categories=("bottle", "jar", "tube"), products=1, images=2,
-                           size=(40, 40), seed=1)
+    data = write_catalogue(
+        tmp_path / "train", categories=("bottle", "jar", "tube"), products=1, images=4, size=(40, 40)
+    )
+    test = write_catalogue(
+        tmp_path / "test", categories=("bottle", "jar", "tube"), products=1, images=2, size=(40, 40), seed=1
+    )
     out = tmp_path / "results"
     script = load_script()
     assert [script.run_name(p) for p in script.DEFAULT_CONFIGS] == sorted(CONFIGS)
     # CI stand-in: every config keeps its other settings, but all train a small backbone at 32 px
     # (EfficientNetV2L alone writes a 480 MB model.keras) on cached features (tracing a whole-
     # backbone train step costs more than the rest); end-to-end training is tested in test_train.
-    args = ["--data", str(data), "--test", str(test), "--out", str(out), "--set", "weights=none",
-            "--set", "image_size=32", "--set", "epochs=1", "--set", "backbone=mobilenet",
-            "--set", "unfreeze=0", "--set", "cache=auto"]
+    args = [
+        "--data",
+        str(data),
+        "--test",
+        str(test),
+        "--out",
+        str(out),
+        "--set",
+        "weights=none",
+        "--set",
+        "image_size=32",
+        "--set",
+        "epochs=1",
+        "--set",
+        "backbone=mobilenet",
+        "--set",
+        "unfreeze=0",
+        "--set",
+        "cache=auto",
+    ]
     assert script.main(args) == 0
     evaluation = out / "evaluation"
     table2 = (evaluation / "table2.md").read_text()

@@ -12,7 +12,8 @@ from csearch import errors, export, models
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("tf2onnx") is None,
-    reason="Keras' ONNX export on TensorFlow needs tf2onnx (pip install 'tf2onnx>=1.17')")
+    reason="Keras' ONNX export on TensorFlow needs tf2onnx (pip install 'tf2onnx>=1.17')",
+)
 
 
 def tiny_model(size: int = 16):

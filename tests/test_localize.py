@@ -10,16 +10,28 @@ from onnx_models import classifier_onnx, expected_u2net_saliency, fba_onnx, u2ne
 import csearch.localize
 from csearch import errors
 from csearch.config import LocalizeConfig
-from csearch.localize import (ClassicalSaliency, Localizer, NoLocalizer, SaliencyLocalizer, U2NetSaliency,
-                              composite_on_white, localization_from_alpha, make_localizer)
+from csearch.localize import (
+    ClassicalSaliency,
+    Localizer,
+    NoLocalizer,
+    SaliencyLocalizer,
+    U2NetSaliency,
+    composite_on_white,
+    localization_from_alpha,
+    make_localizer,
+)
 from csearch.masks import pixel_box as mask_box
 
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
-    return {"u2net": u2net_onnx(root / "u2netp.onnx"), "fba": fba_onnx(root / "fba.onnx"),
-            "classifier": classifier_onnx(root / "classifier.onnx"), "root": root}
+    return {
+        "u2net": u2net_onnx(root / "u2netp.onnx"),
+        "fba": fba_onnx(root / "fba.onnx"),
+        "classifier": classifier_onnx(root / "classifier.onnx"),
+        "root": root,
+    }
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -46,6 +58,7 @@ def true_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
 
 def test_mask_box_exclusive_end_and_edge_cases():
     mask = np.zeros((10, 20), bool)
@@ -100,6 +113,7 @@ def test_localization_from_alpha_rejects_wrong_shape():
 
 # --- none ---------------------------------------------------------------------------------------
 
+
 def test_none_backend_is_whole_image():
     image, _ = draw_object((40, 50))
     localizer = make_localizer(LocalizeConfig(backend="none"))
@@ -119,14 +133,18 @@ def test_localizer_validates_its_input():
 
 # --- classical ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", ["ellipse", "rect", "triangle"])
-@pytest.mark.parametrize("color,background,noise", [
-    ((200, 30, 30), (255, 255, 255), 0.0),
-    ((60, 60, 200), (255, 255, 255), 8.0),
-    ((180, 180, 180), (255, 255, 255), 4.0),  # light grey on white
-    ((230, 200, 40), (90, 140, 90), 8.0),  # coloured background
-    ((20, 20, 20), (0, 0, 0), 0.0),  # dark on black
-])
+@pytest.mark.parametrize(
+    "color,background,noise",
+    [
+        ((200, 30, 30), (255, 255, 255), 0.0),
+        ((60, 60, 200), (255, 255, 255), 8.0),
+        ((180, 180, 180), (255, 255, 255), 4.0),  # light grey on white
+        ((230, 200, 40), (90, 140, 90), 8.0),  # coloured background
+        ((20, 20, 20), (0, 0, 0), 0.0),  # dark on black
+    ],
+)
 def test_classical_finds_object_on_plain_background(shape, color, background, noise):
     image, mask = draw_object((96, 128), shape, color, background, noise=noise, seed=1)
     loc = make_localizer(LocalizeConfig(backend="classical", matting="none"))(image)
@@ -182,6 +200,7 @@ def test_classical_single_pixel_and_tiny_images_do_not_crash(size):
 
 # --- u2net (tiny ONNX with U²-Net's interface) --------------------------------------------------
 
+
 def test_u2net_saliency_matches_the_graph_at_native_size(onnx_dir):
     image, _ = draw_object((320, 320), noise=6.0)
     saliency = U2NetSaliency(onnx_dir["u2net"]).predict(image)
@@ -197,7 +216,7 @@ def test_u2net_saliency_at_image_resolution(onnx_dir, input_size):
     model = U2NetSaliency(onnx_dir["u2net"], input_size=input_size, threads=1)
     saliency = model.predict(image)
     assert saliency.dtype == np.float32 and saliency.shape == (90, 130)
-    assert 0.0 <= saliency.min() and saliency.max() <= 1.0
+    assert saliency.min() >= 0.0 and saliency.max() <= 1.0
     assert iou(saliency > 0.5, mask) >= 0.9
     assert model.files == [onnx_dir["u2net"].resolve()]
 
@@ -277,6 +296,7 @@ def test_u2net_rejects_bad_input_size(onnx_dir):
 
 
 # --- make_localizer -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("field,value,valid", [("backend", "u2nett", "u2net"), ("matting", "fab", "fba")])
 def test_make_localizer_unknown_names_list_valid_ones(field, value, valid):

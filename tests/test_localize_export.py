@@ -34,5 +34,14 @@ def test_fba_example_inputs_match_the_interface(export_module):
 
 def test_missing_checkpoint_is_reported(export_module, tmp_path):
     with pytest.raises(SystemExit, match="--checkpoint"):
-        export_module.main(["u2netp", "--repo", str(tmp_path), "--checkpoint", str(tmp_path / "x.pth"),
-                            "--out", str(tmp_path / "x.onnx")])
+        export_module.main(
+            [
+                "u2netp",
+                "--repo",
+                str(tmp_path),
+                "--checkpoint",
+                str(tmp_path / "x.pth"),
+                "--out",
+                str(tmp_path / "x.onnx"),
+            ]
+        )

@@ -27,6 +27,7 @@ def soft_object(size=(64, 72), shape="ellipse", seed=0):
 
 # --- trimap -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("band", [0, 1, 5, 11, 12])
 def test_trimap_band_width_across_a_straight_edge(band):
     saliency = np.zeros((60, 80), np.float32)
@@ -66,6 +67,7 @@ def test_trimap_empty_and_full_saliency():
 
 
 # --- closed-form matting ------------------------------------------------------------------------
+
 
 def test_pymatting_alpha_consistent_with_trimap():
     image, mask, saliency = soft_object()
@@ -148,6 +150,7 @@ def test_classical_with_pymatting_end_to_end():
 
 # --- FBA ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def fba_path(tmp_path_factory):
     return fba_onnx(tmp_path_factory.mktemp("fba") / "fba.onnx")
@@ -169,8 +172,8 @@ def test_trimap_distance_channels_follow_the_reference_formula():
     d = 10  # column 14 is 10 px from the background (last bg column 4), 16 from the foreground
     for j, scale in enumerate((0.02, 0.08, 0.16)):
         sigma2 = 2 * (scale * 320) ** 2
-        assert channels[20, 14, j] == pytest.approx(np.exp(-d ** 2 / sigma2), rel=1e-3)
-        assert channels[20, 14, 3 + j] == pytest.approx(np.exp(-16 ** 2 / sigma2), rel=1e-3)
+        assert channels[20, 14, j] == pytest.approx(np.exp(-(d**2) / sigma2), rel=1e-3)
+        assert channels[20, 14, 3 + j] == pytest.approx(np.exp(-(16**2) / sigma2), rel=1e-3)
     absent = trimap_distance_channels(two_channel_trimap(np.full((8, 8), UNKNOWN, np.uint8)))
     assert (absent == 0).all()  # like the reference, a missing region leaves its channels at 0
 
@@ -179,10 +182,14 @@ def test_fba_inputs_are_padded_to_multiples_of_8():
     image, _, saliency = soft_object((61, 75))
     inputs = fba_inputs(image, make_trimap(saliency, 0.5, 7))
     shapes = {name: array.shape for name, array in inputs.items()}
-    assert shapes == {"image": (1, 3, 64, 80), "two_chan_trimap": (1, 2, 64, 80), "image_n": (1, 3, 64, 80),
-                      "trimap_transformed": (1, 6, 64, 80)}
+    assert shapes == {
+        "image": (1, 3, 64, 80),
+        "two_chan_trimap": (1, 2, 64, 80),
+        "image_n": (1, 3, 64, 80),
+        "trimap_transformed": (1, 6, 64, 80),
+    }
     assert all(array.dtype == np.float32 for array in inputs.values())
-    assert 0.0 <= inputs["image"].min() and inputs["image"].max() <= 1.0
+    assert inputs["image"].min() >= 0.0 and inputs["image"].max() <= 1.0
     np.testing.assert_allclose(inputs["image_n"][0, 0], (inputs["image"][0, 0] - 0.485) / 0.229, atol=1e-5)
 
 
@@ -193,7 +200,7 @@ def test_fba_runner_on_tiny_model(fba_path):
     alpha = fba(image, trimap)
     assert alpha.dtype == np.float32 and alpha.shape == (61, 75)
     assert (alpha[trimap == FG] == 1).all() and (alpha[trimap == BG] == 0).all()
-    assert 0.0 <= alpha.min() and alpha.max() <= 1.0
+    assert alpha.min() >= 0.0 and alpha.max() <= 1.0
     assert iou(alpha > 0.5, mask) >= 0.9
     assert fba.files == [fba_path.resolve()]
     matting = TrimapMatting(fba, "fba", 0.5, 7, files=fba.files)

@@ -10,8 +10,10 @@ from csearch.preprocess import load_image
 
 pytestmark = [pytest.mark.shared_models, pytest.mark.shared_data]
 
-PHOTOS = ["train/Packages/Juice/Bravo-Apple-Juice/Bravo-Apple-Juice_001.jpg",
-          "train/Packages/Milk/Arla-Standard-Milk/Arla-Standard-Milk_001.jpg"]
+PHOTOS = [
+    "train/Packages/Juice/Bravo-Apple-Juice/Bravo-Apple-Juice_001.jpg",
+    "train/Packages/Milk/Arla-Standard-Milk/Arla-Standard-Milk_001.jpg",
+]
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,14 @@ import pytest
 from csearch.evaluation import metrics
 
 # three queries, five ranks each; R = relevant items in the whole gallery
-REL = np.array([
-    [1, 0, 1, 0, 0],  # hits at ranks 1 and 3, R = 2
-    [0, 0, 0, 1, 0],  # first hit at rank 4, R = 3 (two never retrieved)
-    [0, 0, 0, 0, 0],  # nothing found, R = 1
-], bool)
+REL = np.array(
+    [
+        [1, 0, 1, 0, 0],  # hits at ranks 1 and 3, R = 2
+        [0, 0, 0, 1, 0],  # first hit at rank 4, R = 3 (two never retrieved)
+        [0, 0, 0, 0, 0],  # nothing found, R = 1
+    ],
+    bool,
+)
 R = np.array([2, 3, 1])
 
 
@@ -65,12 +68,15 @@ def test_zero_relevant_scores_zero():
     assert metrics.r_precision(rel, np.array([0])).tolist() == [0.0]
 
 
-@pytest.mark.parametrize("rel, n_relevant, message", [
-    (np.zeros((2, 3), int), np.array([1, 1]), "bool"),
-    (np.zeros((2, 3), bool), np.array([1]), "shape"),
-    (np.ones((1, 3), bool), np.array([2]), "more relevant"),
-    (np.zeros((1, 3), bool), np.array([-1]), ">= 0"),
-])
+@pytest.mark.parametrize(
+    "rel, n_relevant, message",
+    [
+        (np.zeros((2, 3), int), np.array([1, 1]), "bool"),
+        (np.zeros((2, 3), bool), np.array([1]), "shape"),
+        (np.ones((1, 3), bool), np.array([2]), "more relevant"),
+        (np.zeros((1, 3), bool), np.array([-1]), ">= 0"),
+    ],
+)
 def test_bad_inputs_raise(rel, n_relevant, message):
     with pytest.raises(ValueError, match=message):
         metrics.average_precision_at_k(rel, n_relevant)

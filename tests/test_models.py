@@ -42,6 +42,7 @@ def offline_home(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------- registry
 
+
 def test_registry_roles_and_dims():
     assert models.names("backbone") == ["efficientnetv2l", "mobilenet", "mobilenetv2", "resnet101v2", "resnet50"]
     assert models.names("onnx_extractor") == ["efficientnet_lite0"]
@@ -49,8 +50,14 @@ def test_registry_roles_and_dims():
     assert models.names("matting") == ["fba"]
     assert len(models.names()) == 9
     dims = {n: models.get_spec(n).dim for n in models.names(models.EXTRACTOR_ROLES)}
-    assert dims == {"resnet50": 2048, "resnet101v2": 2048, "efficientnetv2l": 1280, "mobilenetv2": 1280,
-                    "mobilenet": 1024, "efficientnet_lite0": 1280}
+    assert dims == {
+        "resnet50": 2048,
+        "resnet101v2": 2048,
+        "efficientnetv2l": 1280,
+        "mobilenetv2": 1280,
+        "mobilenet": 1024,
+        "efficientnet_lite0": 1280,
+    }
     for spec in models.REGISTRY.values():
         assert spec.weights_file and spec.source and spec.preprocessing in models.PREPROCESSING
         if spec.is_keras:
@@ -86,8 +93,9 @@ def test_preprocess_layer_matches_keras_applications(mode, reference):
 SLOW_BACKBONES = {"efficientnetv2l"}  # 118M parameters: ~10 s to build on 2 cores
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_BACKBONES else n
-                                  for n in models.names("backbone")])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_BACKBONES else n for n in models.names("backbone")]
+)
 def test_backbone_forward_random_weights(name):
     spec = models.get_spec(name)
     model = models.build_backbone(name, weights=None, image_size=32)
@@ -160,6 +168,7 @@ def _keras_file_keys(network) -> dict:
     """Layer -> its group in a Keras 3 `.weights.h5` file: snake_case class name plus a per-class
     counter over the network's layers in order (how Keras names them; the file stores no
     layer names)."""
+
     def snake(name):
         return re.sub(r"([a-z])([A-Z])", r"\1_\2", re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)).lower()
 
@@ -196,7 +205,7 @@ def test_real_mobilenet_matches_full_reference_model(shared_models):
 
     path = shared_models / MOBILENET_FILE
     full = keras.applications.MobileNet(weights=str(path))
-    pooling = next(l for l in full.layers if isinstance(l, keras.layers.GlobalAveragePooling2D))
+    pooling = next(layer for layer in full.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D))
     reference = keras.Model(full.input, pooling.output)
     batch = images(2, 224, seed=3)
     want = np.asarray(reference(keras.applications.mobilenet.preprocess_input(batch.astype(np.float32)))).reshape(2, -1)
@@ -208,12 +217,15 @@ def test_real_mobilenet_matches_full_reference_model(shared_models):
 
 @pytest.mark.shared_models
 def test_wrong_weights_file_is_one_line_mismatch(shared_models):
-    with pytest.raises(errors.ModelMismatch, match=f"mobilenet: weights file .*{MOBILENETV2_FILE} does not fit") as info:
+    with pytest.raises(
+        errors.ModelMismatch, match=f"mobilenet: weights file .*{MOBILENETV2_FILE} does not fit"
+    ) as info:
         models.build_backbone("mobilenet", shared_models / MOBILENETV2_FILE, 32)
     assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------- weights
+
 
 def test_resolve_none_and_explicit_paths(tmp_path, offline_home):
     assert models.resolve_weights("resnet50", None) is None
@@ -268,7 +280,9 @@ def test_failed_download_is_one_line_weights_not_found(offline_home, monkeypatch
         models.resolve_weights("resnet50", "imagenet")
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("resnet50: ImageNet weights not found. Put resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+    assert message.startswith(
+        "resnet50: ImageNet weights not found. Put resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    )
     assert str(offline_home) in message and "Name or service not known" in message
     spec = models.get_spec("resnet50")
     assert calls == [(spec.keras_file, spec.keras_url, {"cache_subdir": "models", "file_hash": spec.keras_hash})]
@@ -303,24 +317,36 @@ def test_describe_models(offline_home):
 
 # ---------------------------------------------------------------------------------- ONNX
 
+
 def lite0_like_onnx(path: Path, bake_batch: bool = False, size: int = 224) -> tuple[Path, np.ndarray]:
     """EfficientNet-Lite0's interface (input `input` [1,3,S,S], outputs `features` [1,1280] and
     `logits`): features = channel means @ W. `bake_batch` reshapes to a constant [1, 3], as
     some batch-1 exports do, so batches > 1 fail."""
     weights = np.random.default_rng(0).normal(size=(3, 1280)).astype(np.float32)
-    flatten = (helper.make_node("Reshape", ["pooled", "shape"], ["flat"]) if bake_batch
-               else helper.make_node("Flatten", ["pooled"], ["flat"], axis=1))
+    flatten = (
+        helper.make_node("Reshape", ["pooled", "shape"], ["flat"])
+        if bake_batch
+        else helper.make_node("Flatten", ["pooled"], ["flat"], axis=1)
+    )
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]), flatten,
-         helper.make_node("MatMul", ["flat", "w"], ["features"]),
-         helper.make_node("MatMul", ["features", "head"], ["logits"])],
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+            flatten,
+            helper.make_node("MatMul", ["flat", "w"], ["features"]),
+            helper.make_node("MatMul", ["features", "head"], ["logits"]),
+        ],
         "lite0_like",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 1280]),
-         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
-        initializer=[numpy_helper.from_array(weights, "w"),
-                     numpy_helper.from_array(np.ones((1280, 10), np.float32), "head"),
-                     numpy_helper.from_array(np.array([1, 3], np.int64), "shape")])
+        [
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 1280]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10]),
+        ],
+        initializer=[
+            numpy_helper.from_array(weights, "w"),
+            numpy_helper.from_array(np.ones((1280, 10), np.float32), "head"),
+            numpy_helper.from_array(np.array([1, 3], np.int64), "shape"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path.write_bytes(model.SerializeToString())
@@ -366,6 +392,6 @@ def test_real_efficientnet_lite0(shared_models):
     got = extractor(batch)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = ((batch.astype(np.float32) - 127) / 128).transpose(0, 3, 1, 2)
-    want = np.concatenate([session.run(["features"], {"input": feed[i:i + 1]})[0] for i in range(2)])
+    want = np.concatenate([session.run(["features"], {"input": feed[i : i + 1]})[0] for i in range(2)])
     assert got.shape == (2, 1280) and np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

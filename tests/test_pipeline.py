@@ -96,15 +96,21 @@ def test_interrupted_index_resumes(tmp_path, tiny_catalogue, tiny_config, monkey
 
 def test_other_settings_at_same_out_are_refused(built, tiny_catalogue, tiny_config):
     _, _, index = built
-    other = load_config(overrides={"embed.extractor": tiny_config.embed.extractor, "localize.backend": "none",
-                                   "preprocess.image_size": 32})
+    other = load_config(
+        overrides={
+            "embed.extractor": tiny_config.embed.extractor,
+            "localize.backend": "none",
+            "preprocess.image_size": 32,
+        }
+    )
     with pytest.raises(StoreError, match="other settings"):
         build_index(read_catalogue(tiny_catalogue), other, index)
 
 
 def test_random_weights_are_refused_for_an_index(tmp_path, tiny_catalogue):
-    config = load_config(overrides={"embed.extractor": "mobilenet", "embed.weights": "none",
-                                    "localize.backend": "none"})
+    config = load_config(
+        overrides={"embed.extractor": "mobilenet", "embed.weights": "none", "localize.backend": "none"}
+    )
     with pytest.raises(ConfigError, match="needs fixed weights"):
         build_index(read_catalogue(tiny_catalogue), config, tmp_path / "idx")
 
@@ -176,8 +182,9 @@ def test_classifier_sees_the_photo_or_the_cutout(tmp_path, source):
     from tests.conftest import draw_object
 
     image, _ = draw_object((96, 128), noise=20.0, background=(40, 160, 40))
-    config = load_config(overrides={"localize.backend": "classical", "localize.matting": "none",
-                                    "classify.input": source})
+    config = load_config(
+        overrides={"localize.backend": "classical", "localize.matting": "none", "classify.input": source}
+    )
     prepared = prepare_image(image, config, make_localizer(config.localize), FixedClassifier("jar"))
     whole = model_input(image, 32, "rgb")
     assert prepared.classifier_input.shape == (32, 32, 3)
@@ -211,16 +218,21 @@ def test_two_views_index_the_cutout_and_the_whole_photo(built, tiny_extractor):
     assert np.array_equal(prepared.photo_input, photo)
     assert not np.array_equal(prepared.extractor_input, photo)  # the classical cut-out differs
     w = engine.config.embed.photo_weight
-    expected = np.concatenate([np.sqrt(1 - w) * embed_batches(extractor, prepared.extractor_input[None])[0],
-                               np.sqrt(w) * embed_batches(extractor, photo[None])[0]])
+    expected = np.concatenate(
+        [
+            np.sqrt(1 - w) * embed_batches(extractor, prepared.extractor_input[None])[0],
+            np.sqrt(w) * embed_batches(extractor, photo[None])[0],
+        ]
+    )
     np.testing.assert_allclose(engine.embed(prepared), expected, atol=1e-6)
     snapshot = engine.store.snapshot
     stored = np.asarray(snapshot.vectors)[snapshot.paths.index(str(Path(record.path).resolve()))]
     np.testing.assert_allclose(stored, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides, views", [({"embed.views": "cutout"}, 1), ({"localize.backend": "none"}, 1),
-                                              ({}, 2)])
+@pytest.mark.parametrize(
+    "overrides, views", [({"embed.views": "cutout"}, 1), ({"localize.backend": "none"}, 1), ({}, 2)]
+)
 def test_vector_length_follows_the_views(tmp_path, tiny_catalogue, tiny_config, overrides, views):
     from csearch.config import merge
 
@@ -232,8 +244,13 @@ def test_vector_length_follows_the_views(tmp_path, tiny_catalogue, tiny_config, 
     assert engine.query(record.path, k=1).hits[0].path == str(Path(record.path).resolve())
 
 
-@pytest.mark.parametrize("overrides, message", [({"embed.views": "both"}, "embed.views 'both'.*Valid: cutout"),
-                                                ({"embed.photo_weight": 1.0}, "photo_weight' must be > 0 and < 1")])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"embed.views": "both"}, "embed.views 'both'.*Valid: cutout"),
+        ({"embed.photo_weight": 1.0}, "photo_weight' must be > 0 and < 1"),
+    ],
+)
 def test_bad_views_are_config_errors(tmp_path, tiny_config, overrides, message):
     from csearch.config import merge
 
@@ -248,8 +265,11 @@ def test_an_index_from_before_views_opens_as_one_view(tmp_path, tiny_catalogue, 
 
     from csearch.config import merge
 
-    build_index(read_catalogue(tiny_catalogue), merge(tiny_config, {"embed.views": "cutout",
-                                                                    "classify.input": "cutout"}), tmp_path / "idx")
+    build_index(
+        read_catalogue(tiny_catalogue),
+        merge(tiny_config, {"embed.views": "cutout", "classify.input": "cutout"}),
+        tmp_path / "idx",
+    )
     manifest = tmp_path / "idx" / "manifest.json"
     data = json.loads(manifest.read_text())
     meta = data["meta"]

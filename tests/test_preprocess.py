@@ -33,10 +33,13 @@ def test_exif_orientation_is_applied():
     assert load_image(encode(image, "JPEG", exif=exif.tobytes())).shape == (30, 10, 3)
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "empty file"),
-    (b"not an image at all", "not an image"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty file"),
+        (b"not an image at all", "not an image"),
+    ],
+)
 def test_bad_bytes(data, message):
     with pytest.raises(ImageError, match=message):
         load_image(data)

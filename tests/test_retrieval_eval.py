@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import draw_object, write_catalogue
 from onnx import TensorProto, helper
 
 from csearch.config import Config, merge
@@ -21,19 +22,22 @@ from csearch.evaluation.cache import ArrayCache, CachedLocalizer
 from csearch.evaluation.features import QueryFeatures, compute_query_features, store_as_queries
 from csearch.types import Record
 
-from conftest import draw_object, write_catalogue
-
 SIZE = 32
 
 
 def tiny_extractor(path: Path) -> Path:
     """NHWC [N, 32, 32, 3] in [0, 255] -> 48-d: mean colour of each cell of a 4x4 grid."""
-    nodes = [helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
-             helper.make_node("AveragePool", ["nchw"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
-             helper.make_node("Flatten", ["pooled"], ["features"], axis=1)]
-    graph = helper.make_graph(nodes, "tiny_extractor",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", SIZE, SIZE, 3])],
-                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 48])])
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("AveragePool", ["nchw"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8]),
+        helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_extractor",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", SIZE, SIZE, 3])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 48])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     model.ir_version = 7
     for key, value in {"csearch.role": "extractor", "csearch.layout": "nhwc", "csearch.preprocessing": "raw"}.items():
@@ -53,16 +57,33 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("retrieval")
     catalogue = write_catalogue(root / "catalogue", size=(64, 64))
     extractor = tiny_extractor(root / "tiny.onnx")
-    config = resolve_config(merge(Config(), {
-        "preprocess.image_size": SIZE, "localize.backend": "classical", "localize.matting": "none",
-        "embed.extractor": str(extractor), "search.mask_size": 16}))
+    config = resolve_config(
+        merge(
+            Config(),
+            {
+                "preprocess.image_size": SIZE,
+                "localize.backend": "classical",
+                "localize.matting": "none",
+                "embed.extractor": str(extractor),
+                "search.mask_size": 16,
+            },
+        )
+    )
     cache = root / "cache"
     models = cached_models(load_models(config), config, cache)
     gallery = read_catalogue(catalogue)
     store = gallery_index(gallery, config, models, cache)
     queries = compute_query_features(list(gallery.records), config, models)
-    return {"root": root, "catalogue": catalogue, "extractor": extractor, "config": config, "store": store,
-            "queries": queries, "gallery": gallery, "cache": cache}
+    return {
+        "root": root,
+        "catalogue": catalogue,
+        "extractor": extractor,
+        "config": config,
+        "store": store,
+        "queries": queries,
+        "gallery": gallery,
+        "cache": cache,
+    }
 
 
 # --------------------------------------------------------------------------- known answers
@@ -76,8 +97,14 @@ def hand_store(tmp_path, vectors, products, categories):
     n = len(vectors)
     masks = np.zeros((n, 8, 8), bool)
     masks[:, 2:6, 2:6] = True
-    store.add(vectors=vectors, masks=masks, boxes=np.tile([[0.25, 0.25, 0.75, 0.75]], (n, 1)),
-              paths=[str(tmp_path / f"g{i}.png") for i in range(n)], categories=categories, products=products)
+    store.add(
+        vectors=vectors,
+        masks=masks,
+        boxes=np.tile([[0.25, 0.25, 0.75, 0.75]], (n, 1)),
+        paths=[str(tmp_path / f"g{i}.png") for i in range(n)],
+        categories=categories,
+        products=products,
+    )
     return store
 
 
@@ -87,8 +114,13 @@ def hand_queries(vectors, products, categories, paths=None):
     masks = np.zeros((n, 8, 8), bool)
     masks[:, 2:6, 2:6] = True
     paths = paths or [f"/q{i}.png" for i in range(n)]
-    return QueryFeatures([Record(p, c, pr) for p, c, pr in zip(paths, categories, products)], vectors, masks,
-                         np.tile(np.float32([[0.25, 0.25, 0.75, 0.75]]), (n, 1)), ["test"] * n)
+    return QueryFeatures(
+        [Record(p, c, pr) for p, c, pr in zip(paths, categories, products)],
+        vectors,
+        masks,
+        np.tile(np.float32([[0.25, 0.25, 0.75, 0.75]]), (n, 1)),
+        ["test"] * n,
+    )
 
 
 def test_metrics_on_a_hand_made_index(tmp_path):
@@ -148,8 +180,15 @@ def test_rankings_start_with_what_engine_search_returns(setup, method, k):
     excluded = ranking.self_rows(gallery, queries.records)
     assert len(result.kept) == 12
     for position, q in enumerate(result.kept):
-        hits, _ = engine.search(queries.vectors[q], queries.masks[q], k, None, config,
-                                exclude_ids=gallery.ids[excluded[q]], box=queries.boxes[q])
+        hits, _ = engine.search(
+            queries.vectors[q],
+            queries.masks[q],
+            k,
+            None,
+            config,
+            exclude_ids=gallery.ids[excluded[q]],
+            box=queries.boxes[q],
+        )
         assert [h.id for h in hits] == gallery.ids[result.rankings[position][:k]].tolist()
         assert all((h.iou is None) == (method == "none" or rank >= 6) for rank, h in enumerate(hits))
 
@@ -174,15 +213,50 @@ def test_cli_writes_retrieval_json_with_the_promised_keys(setup, tmp_path, capfd
     from csearch import evaluate
 
     out = tmp_path / "out"
-    code = evaluate.main([
-        "retrieval", "--gallery", str(setup["catalogue"]), "--queries", str(setup["catalogue"]), "--out", str(out),
-        "--extractor", str(setup["extractor"]), "--localizer", "classical", "--matting", "none",
-        "--image-size", str(SIZE), "--set", "search.mask_size=16", "--cache-dir", str(setup["cache"]),
-        "--rerank", "iou", "--rerank-top", "5", "--json"])
+    code = evaluate.main(
+        [
+            "retrieval",
+            "--gallery",
+            str(setup["catalogue"]),
+            "--queries",
+            str(setup["catalogue"]),
+            "--out",
+            str(out),
+            "--extractor",
+            str(setup["extractor"]),
+            "--localizer",
+            "classical",
+            "--matting",
+            "none",
+            "--image-size",
+            str(SIZE),
+            "--set",
+            "search.mask_size=16",
+            "--cache-dir",
+            str(setup["cache"]),
+            "--rerank",
+            "iou",
+            "--rerank-top",
+            "5",
+            "--json",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "retrieval.json").read_text())
-    for key in ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision", "mrr",
-                "category_accuracy", "latency_ms_p50", "latency_ms_p95", "n_queries", "n_gallery"):
+    for key in (
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "recall@20",
+        "map@10",
+        "r_precision",
+        "mrr",
+        "category_accuracy",
+        "latency_ms_p50",
+        "latency_ms_p95",
+        "n_queries",
+        "n_gallery",
+    ):
         assert key in report
     for key in ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision", "mrr"):
         assert 0.0 <= report[key] <= 1.0
@@ -234,9 +308,11 @@ def test_saliency_cache_is_keyed_by_the_models_source_too(tmp_path, monkeypatch)
     weights = tmp_path / "model.onnx"
     weights.write_bytes(b"weights")
     module = tmp_path / "fake_saliency.py"
-    source = ("import numpy as np\nclass Saliency:\n    name = 'fake'\n    input_size = 8\n"
-              "    def __init__(self, files):\n        self.files = files\n"
-              "    def predict(self, image):\n        return np.full(image.shape[:2], {value}, np.float32)\n")
+    source = (
+        "import numpy as np\nclass Saliency:\n    name = 'fake'\n    input_size = 8\n"
+        "    def __init__(self, files):\n        self.files = files\n"
+        "    def predict(self, image):\n        return np.full(image.shape[:2], {value}, np.float32)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     image = np.zeros((8, 8, 3), np.uint8)
     cache = ArrayCache(tmp_path / "cache")
@@ -341,15 +417,23 @@ def test_ablation_rows_and_table(setup):
     from csearch.evaluation import ablation
 
     base = setup["config"]
-    variants = [ablation.Variant("pipeline", "evaluated"),
-                ablation.Variant("localization", "none", (("localize.backend", "none"),)),
-                ablation.Variant("re-ranking", "iou", search=(("search.rerank", "iou"), ("search.rerank_top", 5))),
-                ablation.Variant("restriction", "oracle", restriction="oracle"),
-                ablation.Variant("re-ranking", "aspect_fused", shape=("aspect_fused", False)),
-                ablation.Variant("views", "cut-out only", (("embed.views", "cutout"),))]
+    variants = [
+        ablation.Variant("pipeline", "evaluated"),
+        ablation.Variant("localization", "none", (("localize.backend", "none"),)),
+        ablation.Variant("re-ranking", "iou", search=(("search.rerank", "iou"), ("search.rerank_top", 5))),
+        ablation.Variant("restriction", "oracle", restriction="oracle"),
+        ablation.Variant("re-ranking", "aspect_fused", shape=("aspect_fused", False)),
+        ablation.Variant("views", "cut-out only", (("embed.views", "cutout"),)),
+    ]
     rows = ablation.run_variants(base, setup["gallery"], setup["gallery"], setup["cache"], variants=variants)
-    assert [r["group"] for r in rows] == ["pipeline", "localization", "re-ranking", "restriction", "re-ranking",
-                                          "views"]
+    assert [r["group"] for r in rows] == [
+        "pipeline",
+        "localization",
+        "re-ranking",
+        "restriction",
+        "re-ranking",
+        "views",
+    ]
     assert rows[0]["feature_key"] != rows[1]["feature_key"]
     assert rows[2]["feature_key"] == rows[0]["feature_key"]  # search-only rows reuse the features
     assert rows[4]["tuning"]["tuned"] and "tuned on gallery LOO" in rows[4]["variant"]
@@ -363,8 +447,16 @@ def test_plan_covers_every_module():
     from csearch.evaluation import ablation
 
     groups = {v.group for v in ablation.plan(Config(), has_classifier=True)}
-    assert groups == {"pipeline", "baseline", "localization", "restriction", "re-ranking", "views", "colour",
-                      "extractor"}
+    assert groups == {
+        "pipeline",
+        "baseline",
+        "localization",
+        "restriction",
+        "re-ranking",
+        "views",
+        "colour",
+        "extractor",
+    }
     names = [v.name for v in ablation.plan(Config(), has_classifier=False)]
     assert not any("predicted" in n for n in names)
 
@@ -374,11 +466,16 @@ def test_figures_are_written(setup, tmp_path):
 
     store, queries = setup["store"], setup["queries"]
     result = ranking.rank_queries(store, queries, setup["config"], "off")
-    paths = [figures.figure9_grid(store, queries, result, tmp_path / "f9.png", queries=2, top=3),
-             figures.figure4_masks(store, queries, result, tmp_path / "f4.png", queries=1, top=3)]
+    paths = [
+        figures.figure9_grid(store, queries, result, tmp_path / "f9.png", queries=2, top=3),
+        figures.figure4_masks(store, queries, result, tmp_path / "f4.png", queries=1, top=3),
+    ]
     localizers = figures.comparison_localizers(setup["config"])  # u2net left out: no weights here
-    paths.append(figures.figure6_localization([r.path for r in queries.records[:2]],
-                                              {"classical": localizers["classical"]}, tmp_path / "f6.png"))
+    paths.append(
+        figures.figure6_localization(
+            [r.path for r in queries.records[:2]], {"classical": localizers["classical"]}, tmp_path / "f6.png"
+        )
+    )
     for path in paths:
         assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
 
@@ -389,8 +486,21 @@ def test_evaluate_retrieval_reuses_an_index(setup, tmp_path, capfd):
 
     index = setup["store"].directory
     out = tmp_path / "out"
-    code = evaluate.main(["retrieval", "--index", str(index), "--queries", str(setup["catalogue"]),
-                          "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--limit", "4"])
+    code = evaluate.main(
+        [
+            "retrieval",
+            "--index",
+            str(index),
+            "--queries",
+            str(setup["catalogue"]),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--limit",
+            "4",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "retrieval.json").read_text())
     assert report["n_queries"] == 4 and report["n_gallery"] == 12

@@ -18,8 +18,7 @@ ENGINES = ["numpy", "faiss", "auto"]
 
 def gallery(n=500, dim=32, queries=4, seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, dim)).astype(np.float32),
-            rng.standard_normal((queries, dim)).astype(np.float32))
+    return (rng.standard_normal((n, dim)).astype(np.float32), rng.standard_normal((queries, dim)).astype(np.float32))
 
 
 def assert_matches_reference(vectors, queries, k, rows, got_rows, got_distances, tol=1e-4):
@@ -44,6 +43,7 @@ def small_chunks(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------- knn
+
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("k", [1, 10, 64])
@@ -102,7 +102,7 @@ def test_ties_go_to_the_lower_row(engine, chunked, request):
     query = base[2] + 0.01
     rows, distances = knn(vectors, query, 20, engine=engine)
     twins = np.flatnonzero((vectors == base[2]).all(axis=1))
-    assert rows[0].tolist()[:min(20, len(twins))] == twins[:20].tolist()
+    assert rows[0].tolist()[: min(20, len(twins))] == twins[:20].tolist()
     order = np.lexsort((rows[0], distances[0]))
     assert (order == np.arange(len(order))).all()  # sorted by (distance, row)
 
@@ -123,16 +123,19 @@ def test_memory_mapped_gallery(tmp_path):
         np.testing.assert_array_equal(knn(mapped, queries, 5, engine=engine)[0], knn(vectors, queries, 5)[0])
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda v, q: knn(v.astype(np.float64), q, 3), "float32"),
-    (lambda v, q: knn(v, q[:, :5], 3), "queries must be"),
-    (lambda v, q: knn(v, np.full_like(q, np.nan), 3), "NaN"),
-    (lambda v, q: knn(v, q, 0), "positive integer"),
-    (lambda v, q: knn(v, q, 2.5), "positive integer"),
-    (lambda v, q: knn(v, q, 3, rows=[0, len(v)]), "rows must lie"),
-    (lambda v, q: knn(v, q, 3, rows=[0.5]), "integer"),
-    (lambda v, q: knn(v, q, 3, sq_norms=np.zeros(3, np.float32)), "sq_norms"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda v, q: knn(v.astype(np.float64), q, 3), "float32"),
+        (lambda v, q: knn(v, q[:, :5], 3), "queries must be"),
+        (lambda v, q: knn(v, np.full_like(q, np.nan), 3), "NaN"),
+        (lambda v, q: knn(v, q, 0), "positive integer"),
+        (lambda v, q: knn(v, q, 2.5), "positive integer"),
+        (lambda v, q: knn(v, q, 3, rows=[0, len(v)]), "rows must lie"),
+        (lambda v, q: knn(v, q, 3, rows=[0.5]), "integer"),
+        (lambda v, q: knn(v, q, 3, sq_norms=np.zeros(3, np.float32)), "sq_norms"),
+    ],
+)
 def test_knn_validates(call, message):
     vectors, queries = gallery(n=20)
     with pytest.raises(ValueError, match=message):
@@ -146,6 +149,7 @@ def test_unknown_engine_lists_the_valid_ones():
 
 
 # ---------------------------------------------------------------------------------------- IoU
+
 
 @pytest.mark.parametrize("size", [5, 16, 64])
 def test_mask_iou_matches_boolean_computation(size):
@@ -173,7 +177,7 @@ def triangle(frame, y0, x0, height, width, mirrored=False):
     """Fill a right triangle in the box (lower-left half, or upper-right when mirrored)."""
     ys, xs = np.mgrid[0:height, 0:width]
     below = xs / width <= ys / height
-    frame[y0:y0 + height, x0:x0 + width] |= ~below if mirrored else below
+    frame[y0 : y0 + height, x0 : x0 + width] |= ~below if mirrored else below
     return frame
 
 
@@ -192,6 +196,7 @@ def test_cropped_iou_compares_shapes_not_positions():
 
 
 # ----------------------------------------------------------------------------------- re-ranking
+
 
 def test_rerank_none_orders_by_distance():
     order, scores = rerank([0.5, 0.2, 0.2, 1.0])
@@ -237,8 +242,9 @@ def test_rerank_with_masks(method):
     triangle(frames[2], 8, 8, 16, 16)  # the same mask
     triangle(frames[3], 8, 8, 16, 16, mirrored=True)
     bits, boxes = pack_masks(frames), np.stack([mask_box(m) for m in frames])
-    order, scores, ious = rerank_with_masks(np.array([0.1, 0.2, 0.3]), bits[0], boxes[0], bits[1:], boxes[1:],
-                                            mask_size=32, method=method, weight=0.8)
+    order, scores, ious = rerank_with_masks(
+        np.array([0.1, 0.2, 0.3]), bits[0], boxes[0], bits[1:], boxes[1:], mask_size=32, method=method, weight=0.8
+    )
     if method == "none":
         assert ious is None and order.tolist() == [0, 1, 2]
     else:
@@ -247,6 +253,7 @@ def test_rerank_with_masks(method):
 
 
 # ------------------------------------------------------------------------------- search_snapshot
+
 
 def line_snapshot(tmp_path):
     """Items on a line at x = 0..7 (ids 0..7; categories a, b alternating); item 3's mask is
@@ -261,9 +268,14 @@ def line_snapshot(tmp_path):
     masks[3] = False
     triangle(masks[3], 4, 4, 8, 8)
     store = IndexStore.create(tmp_path / "line", meta={}, dim=4, mask_size=size)
-    store.add(vectors=vectors, masks=masks, boxes=np.stack([mask_box(m) for m in masks]),
-              paths=[f"/g{i}.png" for i in range(n)], categories=["a", "b"] * (n // 2),
-              products=[f"p{i}" for i in range(n)])
+    store.add(
+        vectors=vectors,
+        masks=masks,
+        boxes=np.stack([mask_box(m) for m in masks]),
+        paths=[f"/g{i}.png" for i in range(n)],
+        categories=["a", "b"] * (n // 2),
+        products=[f"p{i}" for i in range(n)],
+    )
     return store.snapshot, masks[3]
 
 
@@ -290,11 +302,18 @@ def test_search_snapshot_restricts_and_excludes(tmp_path):
 
     snapshot, query_mask = line_snapshot(tmp_path)
     query = np.zeros(4, np.float32)
-    found = search.search_snapshot(snapshot, query, query_mask, k=3, settings=SearchConfig(), categories=["b"],
-                                   exclude_ids=[1, 99])  # an id not in the index is ignored
+    found = search.search_snapshot(
+        snapshot, query, query_mask, k=3, settings=SearchConfig(), categories=["b"], exclude_ids=[1, 99]
+    )  # an id not in the index is ignored
     assert found.ids.tolist() == [3, 5, 7] and found.rows.tolist() == [3, 5, 7]
-    reordered = search.search_snapshot(snapshot, query, query_mask, k=4, settings=SearchConfig(rerank_top=2),
-                                       reorder=lambda rows, distances: np.array([1, 0]))
+    reordered = search.search_snapshot(
+        snapshot,
+        query,
+        query_mask,
+        k=4,
+        settings=SearchConfig(rerank_top=2),
+        reorder=lambda rows, distances: np.array([1, 0]),
+    )
     assert reordered.ids.tolist() == [1, 0, 2, 3]
     np.testing.assert_allclose(reordered.scores, 1 / (1 + reordered.distances), rtol=1e-6)  # KNN scores
     empty = search.search_snapshot(snapshot, query, query_mask, k=3, settings=SearchConfig(), categories=["z"])
@@ -302,6 +321,7 @@ def test_search_snapshot_restricts_and_excludes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- blocks
+
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("chunked", [False, True])
@@ -313,8 +333,10 @@ def test_blocks_search_like_their_concatenated_live_rows(engine, chunked, restri
     rng = np.random.default_rng(5)
     pieces = [rng.standard_normal((n, 16)).astype(np.float32) for n in (90, 3, 120)]
     lives = [np.sort(rng.choice(90, 70, replace=False)), None, np.flatnonzero(rng.random(120) < 0.9)]
-    blocks = [knn_module.Block(p, squared_norms(p) if i != 1 else None, live)
-              for i, (p, live) in enumerate(zip(pieces, lives))]
+    blocks = [
+        knn_module.Block(p, squared_norms(p) if i != 1 else None, live)
+        for i, (p, live) in enumerate(zip(pieces, lives))
+    ]
     flat = np.concatenate([p if live is None else p[live] for p, live in zip(pieces, lives)])
     queries = rng.standard_normal((3, 16)).astype(np.float32)
     rows = rng.choice(len(flat), 60, replace=False) if restricted else None

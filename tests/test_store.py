@@ -30,7 +30,7 @@ def items(n, seed=0, dim=DIM, size=SIZE, prefix="img"):
     masks = np.zeros((n, size, size), bool)
     for i in range(n):
         x0, y0 = rng.integers(0, size // 2, 2)
-        masks[i, y0:y0 + size // 3, x0:x0 + size // 4] = True
+        masks[i, y0 : y0 + size // 3, x0 : x0 + size // 4] = True
     boxes = np.array([mask_box(m) for m in masks], np.float32).reshape(n, 4)
     paths = [f"/catalogue/{prefix}{seed}-{i}.jpg" for i in range(n)]
     categories = [["bottle", "jar", None][i % 3] for i in range(n)]
@@ -40,8 +40,7 @@ def items(n, seed=0, dim=DIM, size=SIZE, prefix="img"):
 
 @pytest.fixture
 def index(tmp_path):
-    return IndexStore.create(tmp_path / "index", {"model": {"name": "tiny", "sha256": "ab"}}, dim=DIM,
-                             mask_size=SIZE)
+    return IndexStore.create(tmp_path / "index", {"model": {"name": "tiny", "sha256": "ab"}}, dim=DIM, mask_size=SIZE)
 
 
 def state(directory):
@@ -58,6 +57,7 @@ def one_line(error) -> str:
 
 # ----------------------------------------------------------------------------------- round trip
 
+
 def test_create_add_reopen_round_trip(index, tmp_path):
     vectors, masks, boxes, paths, categories, products = items(7)
     ids = index.add(vectors, masks, boxes, paths, categories, products)
@@ -71,8 +71,13 @@ def test_create_add_reopen_round_trip(index, tmp_path):
     np.testing.assert_array_equal(snapshot.boxes, boxes)
     np.testing.assert_allclose(snapshot.sq_norms, (vectors.astype(np.float64) ** 2).sum(1), rtol=1e-5)
     assert snapshot.paths == paths and snapshot.categories == categories and snapshot.products == products
-    assert snapshot.item(3) == {"id": 3, "path": paths[3], "category": categories[3],
-                                 "product": products[3], "box": boxes[3].tolist()}
+    assert snapshot.item(3) == {
+        "id": 3,
+        "path": paths[3],
+        "category": categories[3],
+        "product": products[3],
+        "box": boxes[3].tolist(),
+    }
     assert snapshot.rows_for_categories(["jar", "nope"]).tolist() == [1, 4]
     assert snapshot.rows_for_categories([None]).tolist() == [2, 5]
     assert snapshot.category_counts() == {"bottle": 3, "jar": 2, None: 2}
@@ -103,10 +108,12 @@ def test_empty_index_has_empty_columns(index):
     assert snapshot.ids.shape == (0,) and snapshot.paths == [] and snapshot.rows_for_categories(["x"]).size == 0
     assert index.add(*items(0)).shape == (0,)
     from csearch.knn import knn
+
     assert knn(snapshot.blocks(), np.zeros(DIM, np.float32), 5)[0].shape == (1, 0)
 
 
 # -------------------------------------------------------------------------------------- ids
+
 
 def test_ids_are_stable_and_never_reused(index, tmp_path):
     index.add(*items(5))
@@ -142,6 +149,7 @@ def test_rows_for_ids_follow_the_given_order(index):
 
 # ------------------------------------------------------------------------------ segments/merge
 
+
 def test_small_adds_are_merged_and_tombstones_dropped(index, tmp_path):
     for i in range(25):
         index.add(*items(1, seed=i))
@@ -173,8 +181,7 @@ def test_compact_gives_one_memory_mapped_segment(index, tmp_path):
     assert index.snapshot.segment_rows() == [10]
     assert state(tmp_path / "index") == before
     assert isinstance(IndexStore.open(tmp_path / "index").snapshot.vectors.base, np.memmap)  # no copy
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["manifest.json", "seg-000004",
-                                                                      "writer.lock"]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == ["manifest.json", "seg-000004", "writer.lock"]
 
 
 def test_update_meta_merges_keys(index, tmp_path):
@@ -195,13 +202,25 @@ def test_segmented_reads_match_the_whole_columns(index):
     snapshot = index.snapshot
     assert len(snapshot.segment_rows()) == 4 and len(snapshot) == 20
     rows = np.array([19, 0, 5, 6, 12])
-    for column, whole in [("ids", snapshot.ids), ("vectors", snapshot.vectors), ("masks", snapshot.mask_bits),
-                          ("boxes", snapshot.boxes), ("sq_norms", snapshot.sq_norms)]:
+    for column, whole in [
+        ("ids", snapshot.ids),
+        ("vectors", snapshot.vectors),
+        ("masks", snapshot.mask_bits),
+        ("boxes", snapshot.boxes),
+        ("sq_norms", snapshot.sq_norms),
+    ]:
         np.testing.assert_array_equal(snapshot.gather(column, rows), whole[rows])
     np.testing.assert_array_equal(snapshot.masks(rows), unpack_masks(snapshot.mask_bits[rows], SIZE))
-    assert snapshot.records(rows) == [{"id": int(snapshot.ids[r]), "path": snapshot.paths[r],
-                                       "category": snapshot.categories[r], "product": snapshot.products[r],
-                                       "box": snapshot.boxes[r].tolist()} for r in rows]
+    assert snapshot.records(rows) == [
+        {
+            "id": int(snapshot.ids[r]),
+            "path": snapshot.paths[r],
+            "category": snapshot.categories[r],
+            "product": snapshot.products[r],
+            "box": snapshot.boxes[r].tolist(),
+        }
+        for r in rows
+    ]
     for category in ("bottle", "jar", None):
         expected = [r for r, c in enumerate(snapshot.categories) if c == category]
         assert snapshot.rows_for_categories([category]).tolist() == expected
@@ -215,6 +234,7 @@ def test_segmented_reads_match_the_whole_columns(index):
 
 
 # ------------------------------------------------------------------------------ other process
+
 
 def test_refresh_sees_another_instances_changes(index, tmp_path):
     other = IndexStore.open(tmp_path / "index")
@@ -246,20 +266,24 @@ def test_overwrite_replaces_atomically_and_readers_follow(index, tmp_path):
 
 # --------------------------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("change, expected", [
-    (lambda a: {**a, "vectors": a["vectors"][:, :4].copy()}, "dimension 4"),
-    (lambda a: {**a, "vectors": a["vectors"].astype(np.float64)}, "float32"),
-    (lambda a: {**a, "vectors": a["vectors"][0]}, "float32 (n, 8)"),
-    (lambda a: {**a, "vectors": np.full_like(a["vectors"], np.nan)}, "NaN"),
-    (lambda a: {**a, "masks": a["masks"][:, :8]}, "masks must be bool (3, 16, 16)"),
-    (lambda a: {**a, "masks": a["masks"].astype(np.uint8)}, "masks must be bool"),
-    (lambda a: {**a, "boxes": a["boxes"][:2]}, "boxes must be float (3, 4)"),
-    (lambda a: {**a, "boxes": a["boxes"] * 5}, "normalised"),
-    (lambda a: {**a, "paths": a["paths"][:2]}, "paths must be a sequence of 3"),
-    (lambda a: {**a, "paths": "one.jpg"}, "paths must be a sequence of 3"),
-    (lambda a: {**a, "categories": ["a", 1, "b"]}, "categories must hold strings"),
-    (lambda a: {**a, "products": ["a"]}, "products must be a sequence of 3"),
-])
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda a: {**a, "vectors": a["vectors"][:, :4].copy()}, "dimension 4"),
+        (lambda a: {**a, "vectors": a["vectors"].astype(np.float64)}, "float32"),
+        (lambda a: {**a, "vectors": a["vectors"][0]}, "float32 (n, 8)"),
+        (lambda a: {**a, "vectors": np.full_like(a["vectors"], np.nan)}, "NaN"),
+        (lambda a: {**a, "masks": a["masks"][:, :8]}, "masks must be bool (3, 16, 16)"),
+        (lambda a: {**a, "masks": a["masks"].astype(np.uint8)}, "masks must be bool"),
+        (lambda a: {**a, "boxes": a["boxes"][:2]}, "boxes must be float (3, 4)"),
+        (lambda a: {**a, "boxes": a["boxes"] * 5}, "normalised"),
+        (lambda a: {**a, "paths": a["paths"][:2]}, "paths must be a sequence of 3"),
+        (lambda a: {**a, "paths": "one.jpg"}, "paths must be a sequence of 3"),
+        (lambda a: {**a, "categories": ["a", 1, "b"]}, "categories must hold strings"),
+        (lambda a: {**a, "products": ["a"]}, "products must be a sequence of 3"),
+    ],
+)
 def test_add_validates_inputs(index, change, expected):
     names = ("vectors", "masks", "boxes", "paths", "categories", "products")
     arguments = change(dict(zip(names, items(3))))
@@ -298,9 +322,12 @@ def test_open_errors_are_one_line(tmp_path, index):
     index.add(*items(2))
     manifest = tmp_path / "index" / "manifest.json"
     good = manifest.read_text()
-    for text, expected in [("{not json", "corrupt"), ("[]", "not a csearch index manifest"),
-                           (json.dumps({**json.loads(good), "dim": "8"}), "'dim'"),
-                           (json.dumps({**json.loads(good), "version": 99}), "upgrade csearch")]:
+    for text, expected in [
+        ("{not json", "corrupt"),
+        ("[]", "not a csearch index manifest"),
+        (json.dumps({**json.loads(good), "dim": "8"}), "'dim'"),
+        (json.dumps({**json.loads(good), "version": 99}), "upgrade csearch"),
+    ]:
         manifest.write_text(text)
         with pytest.raises(StoreError) as error:
             IndexStore.open(tmp_path / "index")
@@ -351,9 +378,10 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_index(tmp_path, monkeypat
 
         def crashing(name):
             def call(*args, **kwargs):
-                if next(calls) == fail_at:
+                if next(calls) == fail_at:  # noqa: B023 (called at once, in this iteration)
                     raise OSError(f"injected crash at {name}")
                 return real[name](*args, **kwargs)
+
             return call
 
         store = IndexStore.open(directory)
@@ -381,7 +409,7 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_index(tmp_path, monkeypat
     assert outcomes == {0, 1} or operation == "compact"
 
 
-def state_after(template, tmp_path, operation, _cache={}):
+def state_after(template, tmp_path, operation, _cache={}):  # noqa: B006 (a deliberate per-process memo)
     key = (str(template), operation)
     if key not in _cache:
         directory = tmp_path / "expected"
@@ -417,8 +445,11 @@ def test_sigkill_mid_write_keeps_exactly_the_acknowledged_items(index, tmp_path)
     acknowledged: set = set()
     printed = 0
     for round_ in range(4):
-        with subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "index"), str(round_), str(REPO)],
-                              stdout=subprocess.PIPE, text=True) as writer:
+        with subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path / "index"), str(round_), str(REPO)],
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as writer:
             try:
                 assert writer.stdout.readline().strip() == "ready"
                 deadline = time.monotonic() + rng.uniform(0.1, 0.6)
@@ -456,8 +487,9 @@ with _writer_lock(Path(sys.argv[1]), None):
 
 
 def test_a_killed_writer_leaves_no_stale_lock(index, tmp_path):
-    with subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "index"), str(REPO)],
-                          stdout=subprocess.PIPE, text=True) as holder:
+    with subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "index"), str(REPO)], stdout=subprocess.PIPE, text=True
+    ) as holder:
         try:
             assert holder.stdout.readline().strip() == "locked"
             index.lock_timeout = 0.2
@@ -473,11 +505,16 @@ def test_a_killed_writer_leaves_no_stale_lock(index, tmp_path):
 
 # ---------------------------------------------------------------------------- durable writes
 
+
 def test_atomic_writes_replace_whole_files_and_leave_no_temp(tmp_path, monkeypatch):
     from csearch.store import save_npy_atomic, write_bytes_atomic
 
-    for array in (np.arange(12.0).reshape(3, 4), np.asfortranarray(np.eye(3, dtype=np.int16)), np.float32(2),
-                  np.zeros((0, 5), np.uint8)):
+    for array in (
+        np.arange(12.0).reshape(3, 4),
+        np.asfortranarray(np.eye(3, dtype=np.int16)),
+        np.float32(2),
+        np.zeros((0, 5), np.uint8),
+    ):
         save_npy_atomic(tmp_path / "a.npy", array)
         loaded = np.load(tmp_path / "a.npy", allow_pickle=False)
         assert loaded.dtype == array.dtype and loaded.shape == np.shape(array) and (loaded == array).all()
@@ -496,13 +533,15 @@ def test_index_store_implements_the_vector_store_interface(index):
 
 # --------------------------------------------------------------------------------------- size
 
+
 def test_bytes_per_item_beyond_the_vector_is_under_1kb(tmp_path):
     dim, n = 32, 2000
     s = IndexStore.create(tmp_path / "index", {"model": "x" * 500}, dim=dim, mask_size=64)
     for batch in range(2):
         vectors, masks, boxes, _, _, _ = items(n // 2, seed=batch, dim=dim, size=64)
-        paths = [f"/data/catalogues/grocery/train/Fruit/Apple/Golden-Delicious/IMG_{batch}{i:05d}.jpg"
-                 for i in range(n // 2)]
+        paths = [
+            f"/data/catalogues/grocery/train/Fruit/Apple/Golden-Delicious/IMG_{batch}{i:05d}.jpg" for i in range(n // 2)
+        ]
         s.add(vectors, masks, boxes, paths, ["Fruit"] * (n // 2), ["Golden-Delicious"] * (n // 2))
     total = sum(p.stat().st_size for p in (tmp_path / "index").rglob("*") if p.is_file())
     per_item = (total - n * dim * 4) / n
@@ -510,6 +549,7 @@ def test_bytes_per_item_beyond_the_vector_is_under_1kb(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- masks
+
 
 def test_pack_unpack_round_trip_any_size():
     rng = np.random.default_rng(0)

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import yaml
-
 from conftest import write_catalogue
+
 from csearch import errors, train
 from csearch.train import TrainConfig, load_train_config, stratified_split, train_classifier
 
-TINY = dict(backbone="mobilenet", weights="none", image_size=32, epochs=2, batch_size=4, copies=1)
+TINY = {"backbone": "mobilenet", "weights": "none", "image_size": 32, "epochs": 2, "batch_size": 4, "copies": 1}
 
 
 def tiny(**changes) -> TrainConfig:
@@ -26,6 +26,7 @@ def quiet(_message: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Config
+
 
 def test_config_yaml_flat_or_sectioned_and_overrides(tmp_path):
     flat = tmp_path / "flat.yaml"
@@ -61,6 +62,7 @@ def test_validate_resolves_image_size_and_rejects_bad_values():
 # --------------------------------------------------------------------------------------------
 # Split
 
+
 def test_stratified_split_is_seeded_disjoint_and_keeps_singletons():
     labels = ["a"] * 10 + ["b"] * 5 + ["c"] + ["d"] * 2
     train_idx, val_idx, notes = stratified_split(labels, 0.2, seed=3)
@@ -77,12 +79,18 @@ def test_stratified_split_is_seeded_disjoint_and_keeps_singletons():
 # --------------------------------------------------------------------------------------------
 # Training end to end
 
+
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory):
     """3 categories x 2 products x 3 images, one empty category folder, one single-image
     category and one unreadable file."""
-    root = write_catalogue(tmp_path_factory.mktemp("train") / "data", categories=("bottle", "jar", "tube"),
-                           products=2, images=3, size=(40, 40))
+    root = write_catalogue(
+        tmp_path_factory.mktemp("train") / "data",
+        categories=("bottle", "jar", "tube"),
+        products=2,
+        images=3,
+        size=(40, 40),
+    )
     (root / "empty-category").mkdir()
     lonely = write_catalogue(root.parent / "lonely", categories=("box",), products=1, images=1, size=(40, 40))
     (root / "box").mkdir()
@@ -94,9 +102,30 @@ def catalogue(tmp_path_factory):
 @pytest.fixture(scope="module")
 def frozen_run(catalogue, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "frozen"
-    code = train.main(["classifier", "--data", str(catalogue), "--backbone", "mobilenet", "--weights", "none",
-                       "--out", str(out), "--image-size", "32", "--epochs", "2", "--batch-size", "4",
-                       "--freeze-backbone", "--set", "copies=1", "--seed", "1"])
+    code = train.main(
+        [
+            "classifier",
+            "--data",
+            str(catalogue),
+            "--backbone",
+            "mobilenet",
+            "--weights",
+            "none",
+            "--out",
+            str(out),
+            "--image-size",
+            "32",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--freeze-backbone",
+            "--set",
+            "copies=1",
+            "--seed",
+            "1",
+        ]
+    )
     assert code == 0
     return out
 
@@ -111,7 +140,9 @@ def test_run_dir_contents(frozen_run):
     assert config["train"]["image_size"] == 32 and config["train"]["color"] == "rgb"
     assert config["train"]["backbone"] == "mobilenet" and config["train"]["freeze_backbone"] is True
     assert config["weights_file"] is None and config["weights_sha256"] is None
-    assert config["command"].startswith("python -m csearch.train classifier") and "--freeze-backbone" in config["command"]
+    assert (
+        config["command"].startswith("python -m csearch.train classifier") and "--freeze-backbone" in config["command"]
+    )
     summary = json.loads((frozen_run / "summary.json").read_text())
     assert summary["mode"] == "features" and summary["n_classes"] == 4
     assert summary["n_skipped"] == 1 and summary["skipped"][0]["path"].endswith("broken.png")
@@ -124,9 +155,29 @@ def test_run_dir_contents(frozen_run):
 
 
 def test_json_summary_is_alone_on_stdout(frozen_run, catalogue, capfd):
-    args = ["classifier", "--data", str(catalogue), "--backbone", "mobilenet", "--weights", "none",
-            "--out", str(frozen_run), "--image-size", "32", "--epochs", "2", "--batch-size", "4",
-            "--freeze-backbone", "--set", "copies=1", "--seed", "1", "--json"]
+    args = [
+        "classifier",
+        "--data",
+        str(catalogue),
+        "--backbone",
+        "mobilenet",
+        "--weights",
+        "none",
+        "--out",
+        str(frozen_run),
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--freeze-backbone",
+        "--set",
+        "copies=1",
+        "--seed",
+        "1",
+        "--json",
+    ]
     assert train.main(args) == 0  # the finished run: summary only
     summary = json.loads(capfd.readouterr().out)
     assert summary["n_classes"] == 4 and summary["mode"] == "features"
@@ -142,9 +193,28 @@ def test_trained_run_loads_as_classifier(frozen_run):
 
 
 def test_rerun_finished_and_conflicting_config(frozen_run, catalogue, capsys):
-    args = ["classifier", "--data", str(catalogue), "--backbone", "mobilenet", "--weights", "none",
-            "--out", str(frozen_run), "--image-size", "32", "--epochs", "2", "--batch-size", "4",
-            "--freeze-backbone", "--set", "copies=1", "--seed", "1"]
+    args = [
+        "classifier",
+        "--data",
+        str(catalogue),
+        "--backbone",
+        "mobilenet",
+        "--weights",
+        "none",
+        "--out",
+        str(frozen_run),
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--freeze-backbone",
+        "--set",
+        "copies=1",
+        "--seed",
+        "1",
+    ]
     before = (frozen_run / "model.keras").stat().st_mtime_ns
     assert train.main(args) == 0
     assert (frozen_run / "model.keras").stat().st_mtime_ns == before  # nothing retrained
@@ -216,6 +286,7 @@ def test_resume_after_interruption(catalogue, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Bad input: one-line errors, no traceback
 
+
 def _one_line_error(capsys) -> str:
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("csearch: error:")]
     assert len(err) == 1
@@ -223,7 +294,9 @@ def _one_line_error(capsys) -> str:
 
 
 def test_unknown_backbone_lists_names(catalogue, tmp_path, capsys):
-    code = train.main(["classifier", "--data", str(catalogue), "--backbone", "mobilenetv3", "--out", str(tmp_path / "x")])
+    code = train.main(
+        ["classifier", "--data", str(catalogue), "--backbone", "mobilenetv3", "--out", str(tmp_path / "x")]
+    )
     assert code == 2
     line = _one_line_error(capsys)
     assert "mobilenetv3" in line and "efficientnetv2l" in line and "resnet101v2" in line
@@ -232,8 +305,19 @@ def test_unknown_backbone_lists_names(catalogue, tmp_path, capsys):
 
 def test_empty_catalogue(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code = train.main(["classifier", "--data", str(tmp_path / "empty"), "--backbone", "mobilenet", "--weights", "none",
-                       "--out", str(tmp_path / "x")])
+    code = train.main(
+        [
+            "classifier",
+            "--data",
+            str(tmp_path / "empty"),
+            "--backbone",
+            "mobilenet",
+            "--weights",
+            "none",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert code == 2 and "no images" in _one_line_error(capsys)
 
 
@@ -245,12 +329,25 @@ def test_weights_imagenet_offline(catalogue, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
 
     def offline(spec):  # what models.weights._download raises when the network is unreachable
-        raise errors.WeightsNotFound(f"{spec.name}: ImageNet weights not found. Put {spec.weights_file} in "
-                                     f"{models.csearch_home()} (or pass a file path); download failed: offline")
+        raise errors.WeightsNotFound(
+            f"{spec.name}: ImageNet weights not found. Put {spec.weights_file} in "
+            f"{models.csearch_home()} (or pass a file path); download failed: offline"
+        )
 
     monkeypatch.setattr(weights, "_download", offline)
-    code = train.main(["classifier", "--data", str(catalogue), "--backbone", "mobilenet", "--weights", "imagenet",
-                       "--out", str(tmp_path / "x")])
+    code = train.main(
+        [
+            "classifier",
+            "--data",
+            str(catalogue),
+            "--backbone",
+            "mobilenet",
+            "--weights",
+            "imagenet",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert code == 2
     line = _one_line_error(capsys)
     assert "mobilenet_1.0_224_imagenet.weights.h5" in line and str(tmp_path / "home") in line
@@ -258,8 +355,21 @@ def test_weights_imagenet_offline(catalogue, tmp_path, capsys, monkeypatch):
 
 def test_single_category_is_an_error(tmp_path, capsys):
     data = write_catalogue(tmp_path / "one", categories=("bottle",), products=1, images=3, size=(40, 40))
-    code = train.main(["classifier", "--data", str(data), "--backbone", "mobilenet", "--weights", "none",
-                       "--image-size", "32", "--out", str(tmp_path / "x")])
+    code = train.main(
+        [
+            "classifier",
+            "--data",
+            str(data),
+            "--backbone",
+            "mobilenet",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert code == 2 and "at least 2" in _one_line_error(capsys)
 
 

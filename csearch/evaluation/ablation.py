@@ -20,8 +20,14 @@ from typing import Optional
 from ..config import Config, merge
 from ..errors import CatalogueError
 from .cache import settings_digest
-from .features import (default_cache_dir, gallery_index, localize_settings, query_features, query_settings,
-                       store_as_queries)
+from .features import (
+    default_cache_dir,
+    gallery_index,
+    localize_settings,
+    query_features,
+    query_settings,
+    store_as_queries,
+)
 from .ranking import Reranker, category_accuracy, rank_queries
 from .shape import make_reranker
 
@@ -29,11 +35,22 @@ log = logging.getLogger("csearch")
 
 METRIC_KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision", "mrr")
 EXTRACTORS = ("mobilenet", "mobilenetv2", "efficientnet_lite0")
-PLAIN = {"localize.backend": "none", "localize.matting": "none", "preprocess.color": "rgb",
-         "preprocess.image_size": 224, "embed.extractor": "mobilenet", "embed.weights": "imagenet"}
+PLAIN = {
+    "localize.backend": "none",
+    "localize.matting": "none",
+    "preprocess.color": "rgb",
+    "preprocess.image_size": 224,
+    "embed.extractor": "mobilenet",
+    "embed.weights": "imagenet",
+}
 # weights tried per re-ranker (shape.py kinds, and the library's fused methods at small weights)
-SHAPE_GRID = {"fused": (0.05, 0.1, 0.2, 0.3), "fused_crop": (0.05, 0.1, 0.2, 0.3),
-              "aspect_fused": (0.1, 0.2, 0.3, 0.5), "iou_rrf": (0.25, 0.5, 1.0), "iou_gate": (0.02, 0.05, 0.1)}
+SHAPE_GRID = {
+    "fused": (0.05, 0.1, 0.2, 0.3),
+    "fused_crop": (0.05, 0.1, 0.2, 0.3),
+    "aspect_fused": (0.1, 0.2, 0.3, 0.5),
+    "iou_rrf": (0.25, 0.5, 1.0),
+    "iou_gate": (0.02, 0.05, 0.1),
+}
 TUNE_DEPTH = 100  # ranks scored while tuning (Recall@1 and mAP@10 need 10)
 TUNE_QUERIES = 1000  # at most this many gallery images query the rest while tuning
 
@@ -57,41 +74,73 @@ def _predicted(top_n: int) -> tuple:
 
 def plan(base: Config, has_classifier: bool) -> list[Variant]:
     """The rows of the table, one module varied at a time around `base`."""
-    rows = [Variant("pipeline", "evaluated pipeline (this command's settings)"),
-            Variant("baseline", "plain KNN: no localization, RGB, MobileNet, unrestricted, no re-ranking",
-                    tuple(PLAIN.items()), (("search.rerank", "none"),), "off")]
+    rows = [
+        Variant("pipeline", "evaluated pipeline (this command's settings)"),
+        Variant(
+            "baseline",
+            "plain KNN: no localization, RGB, MobileNet, unrestricted, no re-ranking",
+            tuple(PLAIN.items()),
+            (("search.rerank", "none"),),
+            "off",
+        ),
+    ]
     none_matting = ("localize.matting", "none")
     rows += [
         Variant("localization", "none (whole photo)", (("localize.backend", "none"), none_matting)),
         Variant("localization", "classical (OpenCV)", (("localize.backend", "classical"), none_matting)),
         Variant("localization", "u2net-p", (("localize.backend", "u2net"), none_matting)),
-        Variant("localization", "u2net-p + pymatting",
-                (("localize.backend", "u2net"), ("localize.matting", "pymatting"))),
+        Variant(
+            "localization", "u2net-p + pymatting", (("localize.backend", "u2net"), ("localize.matting", "pymatting"))
+        ),
         Variant("localization", f"{base.localize.backend} without box crop", (("localize.crop", False),)),
     ]
     rows.append(Variant("restriction", "off", restriction="off"))
     if has_classifier:
         for sees in ("photo", "cutout"):
             what = "the whole photo" if sees == "photo" else "the cut-out (the paper)"
-            rows += [Variant("restriction", f"predicted top-{n}, classifier sees {what}", (),
-                             _predicted(n) + (("classify.input", sees),), "predicted") for n in (1, 3)]
+            rows += [
+                Variant(
+                    "restriction",
+                    f"predicted top-{n}, classifier sees {what}",
+                    (),
+                    _predicted(n) + (("classify.input", sees),),
+                    "predicted",
+                )
+                for n in (1, 3)
+            ]
     rows.append(Variant("restriction", "oracle (true category; not a real result)", restriction="oracle"))
     rows.append(Variant("re-ranking", "none", search=(("search.rerank", "none"),)))
     for top in (5, 10, 20):
-        rows.append(Variant("re-ranking", f"iou, top {top} (the paper)", search=(("search.rerank", "iou"),
-                                                                               ("search.rerank_top", top))))
-    rows += [Variant("re-ranking", "iou_crop, top 10",
-                     search=(("search.rerank", "iou_crop"), ("search.rerank_top", 10))),
-             Variant("re-ranking", "fused w=0.5, top 10", search=(("search.rerank", "fused"), ("search.rerank_top", 10),
-                                                                   ("search.rerank_weight", 0.5))),
-             Variant("re-ranking", "fused_crop w=0.5, top 10", search=(("search.rerank", "fused_crop"),
-                                                                        ("search.rerank_top", 10),
-                                                                        ("search.rerank_weight", 0.5)))]
+        rows.append(
+            Variant(
+                "re-ranking",
+                f"iou, top {top} (the paper)",
+                search=(("search.rerank", "iou"), ("search.rerank_top", top)),
+            )
+        )
+    rows += [
+        Variant("re-ranking", "iou_crop, top 10", search=(("search.rerank", "iou_crop"), ("search.rerank_top", 10))),
+        Variant(
+            "re-ranking",
+            "fused w=0.5, top 10",
+            search=(("search.rerank", "fused"), ("search.rerank_top", 10), ("search.rerank_weight", 0.5)),
+        ),
+        Variant(
+            "re-ranking",
+            "fused_crop w=0.5, top 10",
+            search=(("search.rerank", "fused_crop"), ("search.rerank_top", 10), ("search.rerank_weight", 0.5)),
+        ),
+    ]
     for kind in SHAPE_GRID:
         rows.append(Variant("re-ranking", kind, shape=(kind, False)))
-    rows += [Variant("views", "object cut-out only", (("embed.views", "cutout"),)),
-             Variant("views", "cut-out + whole photo, equal weight", (("embed.views", "cutout+photo"),
-                                                                      ("embed.photo_weight", 0.5)))]
+    rows += [
+        Variant("views", "object cut-out only", (("embed.views", "cutout"),)),
+        Variant(
+            "views",
+            "cut-out + whole photo, equal weight",
+            (("embed.views", "cutout+photo"), ("embed.photo_weight", 0.5)),
+        ),
+    ]
     rows += [Variant("colour", c, (("preprocess.color", c),)) for c in ("rgb", "gray")]
     rows += [Variant("extractor", e, (("embed.extractor", e), ("embed.weights", "imagenet"))) for e in EXTRACTORS]
     return rows
@@ -133,8 +182,16 @@ def default_restriction(config: Config, has_classifier: bool) -> str:
     return "predicted" if has_classifier and config.search.restrict else "off"
 
 
-def run_variants(base: Config, gallery, queries, cache_dir: Path, classifier=None, progress=None,
-                 variants: Optional[list[Variant]] = None, workers: int = 2) -> list[dict]:
+def run_variants(
+    base: Config,
+    gallery,
+    queries,
+    cache_dir: Path,
+    classifier=None,
+    progress=None,
+    variants: Optional[list[Variant]] = None,
+    workers: int = 2,
+) -> list[dict]:
     """Evaluate every variant; returns one dict per row (metrics, settings, feature key)."""
     from .features import cached_models
 
@@ -166,15 +223,25 @@ def run_variants(base: Config, gallery, queries, cache_dir: Path, classifier=Non
             kind, crop = variant.shape
             config, reranker = shape_search(kind, tuning["weight"], tuning["top"], store, qf, config, crop)
         result = rank_queries(store, qf, config, restriction, reranker=reranker)
-        row = {"group": variant.group, "variant": variant.name, "restriction": restriction,
-               **{k: round(result.metrics[k], 4) for k in METRIC_KEYS},
-               "category_accuracy": category_accuracy(qf) if restriction == "predicted" else None,
-               "n_queries": int(len(result.kept)), "n_gallery": len(store.snapshot), "feature_key": key,
-               "overrides": dict(variant.features) | dict(variant.search),
-               "localization_fallbacks": int(sum("empty->full" in b for b in qf.backends))}
+        row = {
+            "group": variant.group,
+            "variant": variant.name,
+            "restriction": restriction,
+            **{k: round(result.metrics[k], 4) for k in METRIC_KEYS},
+            "category_accuracy": category_accuracy(qf) if restriction == "predicted" else None,
+            "n_queries": int(len(result.kept)),
+            "n_gallery": len(store.snapshot),
+            "feature_key": key,
+            "overrides": dict(variant.features) | dict(variant.search),
+            "localization_fallbacks": int(sum("empty->full" in b for b in qf.backends)),
+        }
         if tuning:
-            row["overrides"] = {**row["overrides"], "shape": variant.shape[0], "weight": tuning["weight"],
-                                "rerank_top": tuning["top"]}
+            row["overrides"] = {
+                **row["overrides"],
+                "shape": variant.shape[0],
+                "weight": tuning["weight"],
+                "rerank_top": tuning["top"],
+            }
             row["variant"] = f"{variant.name} w={tuning['weight']}, top {tuning['top']} (tuned on gallery LOO)"
             row["tuning"] = tuning
         rows.append(row)
@@ -183,8 +250,9 @@ def run_variants(base: Config, gallery, queries, cache_dir: Path, classifier=Non
     return rows
 
 
-def shape_search(kind: str, weight: float, top: int, store, queries, config: Config,
-                 crop: bool = False) -> tuple[Config, Optional[Reranker]]:
+def shape_search(
+    kind: str, weight: float, top: int, store, queries, config: Config, crop: bool = False
+) -> tuple[Config, Optional[Reranker]]:
     """(config, reranker) that re-rank the top `top` candidates by a kind of the shape study at
     `weight`: the library's fused methods through the config, the experimental kinds of shape.py
     as a reranker."""
@@ -201,8 +269,14 @@ def tune_shape(store, config: Config, kind: str, crop: bool = False) -> dict:
     of the grid is used and the row says so."""
     loo = store_as_queries(store)
     step = -(-len(loo) // TUNE_QUERIES)  # every step-th gallery image queries: bounded cost
-    loo = replace(loo, records=loo.records[::step], vectors=loo.vectors[::step], masks=loo.masks[::step],
-                  boxes=loo.boxes[::step], backends=loo.backends[::step])
+    loo = replace(
+        loo,
+        records=loo.records[::step],
+        vectors=loo.vectors[::step],
+        masks=loo.masks[::step],
+        boxes=loo.boxes[::step],
+        backends=loo.backends[::step],
+    )
     weights = SHAPE_GRID[kind]
     fallback = {"weight": weights[len(weights) // 2], "top": 10, "tuned": False, "grid": []}
     try:
@@ -219,13 +293,15 @@ def tune_shape(store, config: Config, kind: str, crop: bool = False) -> dict:
             grid.append(entry)
             if best is None or entry["objective"] > best["objective"]:
                 best = entry
-    return {"weight": best["weight"], "top": best["top"], "tuned": True, "grid": grid,
-            "loo_baseline": grid[0]}
+    return {"weight": best["weight"], "top": best["top"], "tuned": True, "grid": grid, "loo_baseline": grid[0]}
 
 
 def _objective(metrics: dict) -> dict:
-    return {"recall@1": round(metrics["recall@1"], 4), "map@10": round(metrics["map@10"], 4),
-            "objective": metrics["recall@1"] + metrics["map@10"]}
+    return {
+        "recall@1": round(metrics["recall@1"], 4),
+        "map@10": round(metrics["map@10"], 4),
+        "objective": metrics["recall@1"] + metrics["map@10"],
+    }
 
 
 # ----------------------------------------------------------------------------- output
@@ -234,20 +310,26 @@ def _objective(metrics: dict) -> dict:
 def markdown_table(rows: list[dict], reference: Optional[dict] = None) -> str:
     """One Markdown table; ΔR@1 and ΔmAP@10 relative to `reference` (the evaluated pipeline)."""
     reference = reference or rows[0]
-    head = ("| group | variant | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | cat. acc | ΔR@1 | ΔmAP@10 |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| group | variant | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | cat. acc | ΔR@1 | ΔmAP@10 |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for row in rows:
         acc = "-" if row.get("category_accuracy") is None else f"{row['category_accuracy']:.3f}"
         d1 = row["recall@1"] - reference["recall@1"]
         dm = row["map@10"] - reference["map@10"]
-        lines.append(f"| {row['group']} | {row['variant']} | " + " | ".join(f"{row[k]:.3f}" for k in METRIC_KEYS)
-                     + f" | {acc} | {d1:+.3f} | {dm:+.3f} |")
+        lines.append(
+            f"| {row['group']} | {row['variant']} | "
+            + " | ".join(f"{row[k]:.3f}" for k in METRIC_KEYS)
+            + f" | {acc} | {d1:+.3f} | {dm:+.3f} |"
+        )
     return "\n".join(lines)
 
 
-def run_ablation(config: Config, gallery, queries, cache_dir: Optional[Path], out: Path,
-                 workers: int = 2) -> list[dict]:
+def run_ablation(
+    config: Config, gallery, queries, cache_dir: Optional[Path], out: Path, workers: int = 2
+) -> list[dict]:
     """--ablate: every row on the `queries` catalogue against the `gallery` catalogue (indexed
     per feature setting), with a progress bar; writes ablation.{md,json} into `out`."""
     from ..console import progress_bar

@@ -126,8 +126,11 @@ class CachedSaliency:
         # the source file counts too, also for an ONNX model: its pre- and post-processing (e.g.
         # U²-Net's min-max stretch and minimum object area) change the map. Keying by the model
         # file alone once kept maps from before the minimum-area rule (docs/results/retrieval.md).
-        self.settings = {"saliency": model.name, "files": files_digest(self.files),
-                         "input_size": getattr(model, "input_size", None)}
+        self.settings = {
+            "saliency": model.name,
+            "files": files_digest(self.files),
+            "input_size": getattr(model, "input_size", None),
+        }
         extra = {"work_side": getattr(model, "work_side", None), "source": source_digest(type(model))}
         self.settings.update({k: v for k, v in extra.items() if v is not None})
         self._prefix = settings_digest(self.settings)
@@ -165,8 +168,14 @@ class CachedLocalizer:
             self.localizer.saliency = CachedSaliency(localizer.saliency, cache)
         # all of csearch.localize's code is part of the result (the saliency cache below is keyed
         # by its own model file and source)
-        self._prefix = settings_digest({"name": self.name, "files": files_digest(self.files),
-                                        "settings": settings, "source": localize_source_digest()})
+        self._prefix = settings_digest(
+            {
+                "name": self.name,
+                "files": files_digest(self.files),
+                "settings": settings,
+                "source": localize_source_digest(),
+            }
+        )
 
     def __call__(self, image: np.ndarray) -> Localization:
         key = f"{self._prefix}-{array_digest(image)}"
@@ -174,8 +183,12 @@ class CachedLocalizer:
         if entry is not None:
             return _from_entry(image, entry)
         loc = self.localizer(image)
-        self.cache.put(key, alpha=loc.alpha.astype(np.float32, copy=False), mask=np.packbits(loc.mask),
-                       backend=np.array(loc.backend))
+        self.cache.put(
+            key,
+            alpha=loc.alpha.astype(np.float32, copy=False),
+            mask=np.packbits(loc.mask),
+            backend=np.array(loc.backend),
+        )
         return loc
 
 
@@ -183,8 +196,13 @@ def _from_entry(image: np.ndarray, entry: dict) -> Localization:
     height, width = image.shape[:2]
     alpha = entry["alpha"]
     mask = np.unpackbits(entry["mask"], count=height * width).reshape(height, width).astype(bool)
-    return Localization(alpha=alpha, mask=mask, cutout=composite_on_white(image, alpha),
-                        backend=str(entry["backend"]), box=pixel_box(mask))
+    return Localization(
+        alpha=alpha,
+        mask=mask,
+        cutout=composite_on_white(image, alpha),
+        backend=str(entry["backend"]),
+        box=pixel_box(mask),
+    )
 
 
 class CachedExtractor:
@@ -201,10 +219,16 @@ class CachedExtractor:
         self.dim = extractor.dim
         self.input_size = extractor.input_size
         self.files = list(getattr(extractor, "files", []))
-        self._prefix = "x" + settings_digest({
-            "name": Path(str(extractor.name)).name, "files": files_digest(self.files), "dim": int(extractor.dim),
-            "input_size": int(extractor.input_size), "preprocessing": getattr(extractor, "preprocessing", None),
-            "layout": getattr(extractor, "layout", None)})
+        self._prefix = "x" + settings_digest(
+            {
+                "name": Path(str(extractor.name)).name,
+                "files": files_digest(self.files),
+                "dim": int(extractor.dim),
+                "input_size": int(extractor.input_size),
+                "preprocessing": getattr(extractor, "preprocessing", None),
+                "layout": getattr(extractor, "layout", None),
+            }
+        )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         keys = [f"{self._prefix}-{array_digest(image)}" for image in images]

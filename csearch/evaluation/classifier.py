@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -25,13 +26,24 @@ from .reports import markdown_table, plot_confusion, plot_history, write_csv
 
 log = logging.getLogger("csearch.evaluate")
 
-TABLE1_COLUMNS = [("class", "class", ""), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
-                  ("f1", "F1", ".3f"), ("support", "support", "d")]
-TABLE2_COLUMNS = [("model", "model", ""), ("backbone", "backbone", ""), ("params", "parameters", ",d"),
-                  ("average_accuracy", "average accuracy (paper)", ".4f"), ("accuracy", "top-1 accuracy", ".4f"),
-                  ("per_class_accuracy_variance", "per-class acc. variance", ".4f"),
-                  ("per_class_accuracy_min", "per-class acc. min", ".3f"), ("macro_f1", "macro F1", ".4f"),
-                  ("n_images", "images", "d")]
+TABLE1_COLUMNS = [
+    ("class", "class", ""),
+    ("precision", "precision", ".3f"),
+    ("recall", "recall", ".3f"),
+    ("f1", "F1", ".3f"),
+    ("support", "support", "d"),
+]
+TABLE2_COLUMNS = [
+    ("model", "model", ""),
+    ("backbone", "backbone", ""),
+    ("params", "parameters", ",d"),
+    ("average_accuracy", "average accuracy (paper)", ".4f"),
+    ("accuracy", "top-1 accuracy", ".4f"),
+    ("per_class_accuracy_variance", "per-class acc. variance", ".4f"),
+    ("per_class_accuracy_min", "per-class acc. min", ".3f"),
+    ("macro_f1", "macro F1", ".4f"),
+    ("n_images", "images", "d"),
+]
 
 
 def _decode(records, size: int, color: str, workers: int = 4):
@@ -42,8 +54,14 @@ def _decode(records, size: int, color: str, workers: int = 4):
     return images, kept, skipped
 
 
-def evaluate_run(run_dir: str | Path, catalogue, out: str | Path, backend: str = "auto",
-                 batch_size: int = 32, cache: Optional[dict] = None) -> dict:
+def evaluate_run(
+    run_dir: str | Path,
+    catalogue,
+    out: str | Path,
+    backend: str = "auto",
+    batch_size: int = 32,
+    cache: Optional[dict] = None,
+) -> dict:
     """Evaluate one classifier RUN_DIR on a catalogue; write its tables, figures and
     classification.json into `out`. Returns the classification.json content."""
     from ..classify import Classifier
@@ -70,14 +88,19 @@ def evaluate_run(run_dir: str | Path, catalogue, out: str | Path, backend: str =
     matrix = confusion_matrix(y_true, y_pred, len(classifier.class_names))
     result = summarize(matrix, classifier.class_names)
     summary = _run_summary(run_dir)
-    result.update({
-        "model": str(Path(run_dir).resolve()), "backbone": summary.get("backbone"),
-        "params": summary.get("params") or _param_count(classifier), "backend": classifier.backend,
-        "data": catalogue.spec, "n_skipped": len(skipped),
-        "skipped": [{"path": p, "reason": r} for p, r in skipped],
-        "predict_ms_per_image": round(1e3 * seconds / max(1, len(images)), 3),
-        "definitions": DEFINITIONS,
-    })
+    result.update(
+        {
+            "model": str(Path(run_dir).resolve()),
+            "backbone": summary.get("backbone"),
+            "params": summary.get("params") or _param_count(classifier),
+            "backend": classifier.backend,
+            "data": catalogue.spec,
+            "n_skipped": len(skipped),
+            "skipped": [{"path": p, "reason": r} for p, r in skipped],
+            "predict_ms_per_image": round(1e3 * seconds / max(1, len(images)), 3),
+            "definitions": DEFINITIONS,
+        }
+    )
     rows = [{"class": name, **values} for name, values in result["per_class"].items()]
     write_csv(out / "table1.csv", rows, TABLE1_COLUMNS)
     (out / "table1.md").write_text(markdown_table(rows, TABLE1_COLUMNS))
@@ -86,13 +109,16 @@ def evaluate_run(run_dir: str | Path, catalogue, out: str | Path, backend: str =
     (out / "table2.md").write_text(markdown_table([row], TABLE2_COLUMNS))
     shown = _shown_classes(matrix)
     names = [classifier.class_names[i] for i in shown]
-    plot_confusion(matrix[np.ix_(shown, shown)], names, out / "confusion_matrix.png",
-                   title=f"{Path(run_dir).name}: confusion matrix ({len(y_true)} images)")
+    plot_confusion(
+        matrix[np.ix_(shown, shown)],
+        names,
+        out / "confusion_matrix.png",
+        title=f"{Path(run_dir).name}: confusion matrix ({len(y_true)} images)",
+    )
     history = read_history(Path(run_dir) / "history.csv")
     if history:
         plot_history(history, out / "history.png", title=f"{Path(run_dir).name}: training history")
-    _write_predictions(out / "predictions.csv", [records[i].path for i in kept], y_true, probs,
-                       classifier.class_names)
+    _write_predictions(out / "predictions.csv", [records[i].path for i in kept], y_true, probs, classifier.class_names)
     (out / "classification.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -133,8 +159,9 @@ def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def evaluate_classifiers(run_dirs: Sequence[str | Path], data: str, out: str | Path,
-                         backend: str = "auto", batch_size: int = 32) -> list[dict]:
+def evaluate_classifiers(
+    run_dirs: Sequence[str | Path], data: str, out: str | Path, backend: str = "auto", batch_size: int = 32
+) -> list[dict]:
     """One or several RUN_DIRs on one catalogue. Several: DIR/<run>/ each plus the comparison
     (table2.csv/.md, comparison.json) in DIR."""
     from ..data import read_catalogue
@@ -148,12 +175,15 @@ def evaluate_classifiers(run_dirs: Sequence[str | Path], data: str, out: str | P
     results = []
     for name, run_dir in zip(run_names(run_dirs), run_dirs):
         results.append(evaluate_run(run_dir, catalogue, out / name, backend, batch_size, cache))
-        log.info("%s: top-1 %.4f, average accuracy %.4f", name, results[-1]["accuracy"],
-                 results[-1]["average_accuracy"])
+        log.info(
+            "%s: top-1 %.4f, average accuracy %.4f", name, results[-1]["accuracy"], results[-1]["average_accuracy"]
+        )
     rows = [{**r, "model": name} for name, r in zip(run_names(run_dirs), results)]
     write_csv(out / "table2.csv", rows, TABLE2_COLUMNS)
     (out / "table2.md").write_text(markdown_table(rows, TABLE2_COLUMNS))
-    comparison = [{k: row.get(k) for k, _, _ in TABLE2_COLUMNS} | {"run_dir": result["model"]}
-                  for row, result in zip(rows, results)]
+    comparison = [
+        {k: row.get(k) for k, _, _ in TABLE2_COLUMNS} | {"run_dir": result["model"]}
+        for row, result in zip(rows, results)
+    ]
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
     return results

@@ -15,7 +15,8 @@ Invalid arrays raise ValueError: they are programming errors, not user input.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -105,12 +106,21 @@ def summarize(matrix: np.ndarray, class_names: Sequence[str]) -> dict:
     precision, recall, f1 = precision_recall_f1(matrix)
     ovr = one_vs_rest_accuracy(matrix)
     mask = c["support"] > 0
-    per_class = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                        "accuracy": float(recall[i]), "one_vs_rest_accuracy": float(ovr[i]),
-                        "support": int(c["support"][i])}
-                 for i, name in enumerate(class_names) if mask[i]}
+    per_class = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "accuracy": float(recall[i]),
+            "one_vs_rest_accuracy": float(ovr[i]),
+            "support": int(c["support"][i]),
+        }
+        for i, name in enumerate(class_names)
+        if mask[i]
+    }
     return {
-        "n_images": int(matrix.sum()), "n_classes": int(mask.sum()),
+        "n_images": int(matrix.sum()),
+        "n_classes": int(mask.sum()),
         "accuracy": top1_accuracy(matrix),
         "average_accuracy": average_accuracy(matrix, mask),
         "per_class_accuracy_mean": float(recall[mask].mean()) if mask.any() else 0.0,

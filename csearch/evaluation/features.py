@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -60,8 +61,13 @@ def feature_settings(config: Config) -> dict:
             embed[key] = [Path(embed[key]).name, file_sha256(embed[key])]
     localize = localize_settings(config)
     localize.update(crop=config.localize.crop, margin=config.localize.margin)
-    return {"preprocess": {k: v for k, v in data["preprocess"].items() if k not in ("max_pixels", "min_side")},
-            "localize": localize, "embed": embed, "mask_size": config.search.mask_size, "code": feature_code_digest()}
+    return {
+        "preprocess": {k: v for k, v in data["preprocess"].items() if k not in ("max_pixels", "min_side")},
+        "localize": localize,
+        "embed": embed,
+        "mask_size": config.search.mask_size,
+        "code": feature_code_digest(),
+    }
 
 
 def feature_code_digest() -> str:
@@ -70,8 +76,12 @@ def feature_code_digest() -> str:
     features are keyed by it, so editing that code rebuilds them (cheaply: the per-image
     localization and vector caches have their own keys)."""
     root = Path(__file__).resolve().parents[1]
-    files = sorted(root.glob("localize/*.py")) + sorted(root.glob("models/*.py")) + sorted(root.glob("store/*.py")) + [
-        root / n for n in ("preprocess.py", "masks.py", "pipeline.py", "embed.py", "evaluation/cache.py")]
+    files = (
+        sorted(root.glob("localize/*.py"))
+        + sorted(root.glob("models/*.py"))
+        + sorted(root.glob("store/*.py"))
+        + [root / n for n in ("preprocess.py", "masks.py", "pipeline.py", "embed.py", "evaluation/cache.py")]
+    )
     return settings_digest([file_sha256(f) for f in files if f.is_file()])
 
 
@@ -88,8 +98,9 @@ def cached_models(models: Models, config: Config, cache_dir: Path, read: bool = 
     """`models` with the localizer and extractor wrapped in the per-image caches. `read=False`
     (timed queries) fills the caches without reading them, so the timings stay honest; call
     `flush_caches` afterwards to write what they collected."""
-    localizer = CachedLocalizer(models.localizer, ArrayCache(cache_dir / "loc", defer=not read),
-                                localize_settings(config), read=read)
+    localizer = CachedLocalizer(
+        models.localizer, ArrayCache(cache_dir / "loc", defer=not read), localize_settings(config), read=read
+    )
     extractor = CachedExtractor(models.extractor, ArrayCache(cache_dir / "vec", defer=not read), read=read)
     return replace(models, localizer=localizer, extractor=extractor)
 
@@ -104,8 +115,14 @@ def flush_caches(models: Models) -> None:
 # ----------------------------------------------------------------------------- gallery
 
 
-def gallery_index(catalogue: Catalogue, config: Config, models: Models, cache_dir: Path,
-                  progress: Optional[Callable[[int], None]] = None, workers: int = 2):
+def gallery_index(
+    catalogue: Catalogue,
+    config: Config,
+    models: Models,
+    cache_dir: Path,
+    progress: Optional[Callable[[int], None]] = None,
+    workers: int = 2,
+):
     """The gallery as a csearch index in the cache (built once, resumed if interrupted)."""
     from ..store import IndexStore
 
@@ -118,11 +135,11 @@ def gallery_index(catalogue: Catalogue, config: Config, models: Models, cache_di
                 progress(len(catalogue.records))
             return store
     # the classifier only labels unlabelled gallery images, which an evaluation gallery has none of
-    report = build_index(catalogue, config, out, progress=progress, models=replace(models, classifier=None),
-                         workers=workers)
+    report = build_index(
+        catalogue, config, out, progress=progress, models=replace(models, classifier=None), workers=workers
+    )
     if report.failures:
-        log.warning("gallery: %d image(s) could not be indexed, e.g. %s", len(report.failures),
-                    report.failures[0])
+        log.warning("gallery: %d image(s) could not be indexed, e.g. %s", len(report.failures), report.failures[0])
     (out / "feature_settings.json").write_text(json.dumps(feature_settings(config), indent=1))
     return IndexStore.open(out)
 
@@ -157,29 +174,37 @@ class QueryFeatures:
         return None if self.probs is None else prediction_from(self.probs[row], self.class_names, top_n)
 
     def save(self, path: Path) -> None:
-        arrays = {"vectors": self.vectors, "masks": np.packbits(self.masks.reshape(len(self), -1), axis=1),
-                  "boxes": self.boxes, "mask_side": np.array(self.masks.shape[1]),
-                  "records": np.array(json.dumps([[r.path, r.category, r.product] for r in self.records])),
-                  "backends": np.array(json.dumps(self.backends))}
+        arrays = {
+            "vectors": self.vectors,
+            "masks": np.packbits(self.masks.reshape(len(self), -1), axis=1),
+            "boxes": self.boxes,
+            "mask_side": np.array(self.masks.shape[1]),
+            "records": np.array(json.dumps([[r.path, r.category, r.product] for r in self.records])),
+            "backends": np.array(json.dumps(self.backends)),
+        }
         if self.probs is not None:
             arrays.update(probs=self.probs, class_names=np.array(json.dumps(self.class_names)))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, npz_bytes(arrays))
 
     @classmethod
-    def load(cls, path: Path) -> "QueryFeatures":
+    def load(cls, path: Path) -> QueryFeatures:
         with np.load(path, allow_pickle=False) as data:
             side = int(data["mask_side"])
             records = [Record(*row) for row in json.loads(str(data["records"]))]
             masks = np.unpackbits(data["masks"], axis=1, count=side * side).reshape(-1, side, side).astype(bool)
             probs = data["probs"] if "probs" in data.files else None
             names = json.loads(str(data["class_names"])) if "class_names" in data.files else None
-            return cls(records, data["vectors"], masks, data["boxes"], json.loads(str(data["backends"])),
-                       probs, names)
+            return cls(records, data["vectors"], masks, data["boxes"], json.loads(str(data["backends"])), probs, names)
 
 
-def query_features(catalogue: Catalogue, config: Config, models: Models, cache_dir: Path,
-                   progress: Optional[Callable[[int], None]] = None) -> QueryFeatures:
+def query_features(
+    catalogue: Catalogue,
+    config: Config,
+    models: Models,
+    cache_dir: Path,
+    progress: Optional[Callable[[int], None]] = None,
+) -> QueryFeatures:
     """Localize, embed (and classify) every query once per setting; cached on disk."""
     settings = query_settings(config, models.classifier)
     path = cache_dir / "queries" / f"{settings_digest(settings)}-{catalogue_digest(catalogue.records)}.npz"
@@ -201,13 +226,14 @@ def query_settings(config: Config, classifier=None) -> dict:
     return settings
 
 
-def compute_query_features(records: Sequence[Record], config: Config, models: Models,
-                           progress: Optional[Callable[[int], None]] = None) -> QueryFeatures:
+def compute_query_features(
+    records: Sequence[Record], config: Config, models: Models, progress: Optional[Callable[[int], None]] = None
+) -> QueryFeatures:
     """The same steps as Engine.prepare/embed/classify, batched. Unreadable images are an
     error: a query set silently shrinking would change every metric."""
     parts = []
     for start in range(0, len(records), QUERY_CHUNK):
-        chunk = records[start:start + QUERY_CHUNK]
+        chunk = records[start : start + QUERY_CHUNK]
         prepared = []
         for record in chunk:
             image = load_image(record.path, config.preprocess.max_pixels, config.preprocess.min_side)
@@ -217,16 +243,19 @@ def compute_query_features(records: Sequence[Record], config: Config, models: Mo
         vectors = embed_prepared(models.extractor, prepared, config)
         probs = None
         if models.classifier is not None:
-            probs = np.asarray(models.classifier.predict(np.stack([p.classifier_input for p in prepared])),
-                               np.float32)
+            probs = np.asarray(models.classifier.predict(np.stack([p.classifier_input for p in prepared])), np.float32)
         parts.append((prepared, vectors, probs))
     prepared = [p for part in parts for p in part[0]]
     probs = np.concatenate([part[2] for part in parts]) if models.classifier is not None else None
     return QueryFeatures(
-        records=list(records), vectors=np.concatenate([part[1] for part in parts]).astype(np.float32),
-        masks=np.stack([p.mask for p in prepared]), boxes=np.stack([p.box for p in prepared]).astype(np.float32),
-        backends=[p.localization.backend for p in prepared], probs=probs,
-        class_names=list(models.classifier.class_names) if models.classifier is not None else None)
+        records=list(records),
+        vectors=np.concatenate([part[1] for part in parts]).astype(np.float32),
+        masks=np.stack([p.mask for p in prepared]),
+        boxes=np.stack([p.box for p in prepared]).astype(np.float32),
+        backends=[p.localization.backend for p in prepared],
+        probs=probs,
+        class_names=list(models.classifier.class_names) if models.classifier is not None else None,
+    )
 
 
 def store_as_queries(store) -> QueryFeatures:
@@ -237,5 +266,10 @@ def store_as_queries(store) -> QueryFeatures:
     gallery = store.snapshot
     records = [Record(p, c, pr) for p, c, pr in zip(gallery.paths, gallery.categories, gallery.products)]
     masks = unpack_masks(np.asarray(gallery.mask_bits), gallery.mask_size)
-    return QueryFeatures(records, np.asarray(gallery.vectors, np.float32), masks,
-                         np.asarray(gallery.boxes, np.float32), ["(index)"] * len(records))
+    return QueryFeatures(
+        records,
+        np.asarray(gallery.vectors, np.float32),
+        masks,
+        np.asarray(gallery.boxes, np.float32),
+        ["(index)"] * len(records),
+    )

@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -73,8 +74,9 @@ def _query_rows(evaluation, features, queries: int, top: int, row_height: float)
     position in evaluation.kept)])."""
     plt = _pyplot()
     positions = pick_queries(evaluation, features, queries)
-    fig, axes = plt.subplots(len(positions), top + 1, figsize=(1.9 * (top + 1), row_height * len(positions)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(positions), top + 1, figsize=(1.9 * (top + 1), row_height * len(positions)), squeeze=False
+    )
     return fig, [(axes[row], evaluation.kept[position], position) for row, position in enumerate(positions)]
 
 
@@ -143,8 +145,7 @@ def figure4_masks(store, features, evaluation, out: Path, queries: int = 3, top:
             ax.imshow(_overlay(_frame_image(gallery.paths[gallery_row]), gallery.masks([gallery_row])[0], q_mask))
             ax.set_title(f"#{col} IoU {iou:.2f} / crop {crop_iou:.2f}", fontsize=7)
             _frame(ax, GREEN if gallery.products[gallery_row] == record.product else RED)
-    fig.suptitle("Object masks (orange) vs the query's outline (blue): full-frame IoU / box-cropped IoU",
-                 fontsize=9)
+    fig.suptitle("Object masks (orange) vs the query's outline (blue): full-frame IoU / box-cropped IoU", fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
 
@@ -156,8 +157,9 @@ def figure6_localization(paths: Sequence[str], localizers: dict, out: Path, work
 
     plt = _pyplot()
     names = list(localizers)
-    fig, axes = plt.subplots(len(paths), len(names) + 1, figsize=(2.1 * (len(names) + 1), 2.2 * len(paths)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(paths), len(names) + 1, figsize=(2.1 * (len(names) + 1), 2.2 * len(paths)), squeeze=False
+    )
     for row, path in enumerate(paths):
         image = downscale_max_side(load_image(path), work_side)
         axes[row, 0].imshow(image)
@@ -193,8 +195,11 @@ def comparison_localizers(config, cache_dir: Optional[Path] = None) -> dict:
     from ..errors import WeightsNotFound
     from ..localize import make_localizer
 
-    wanted = {"classical": ("classical", "none"), "u2net-p": ("u2net", "none"),
-              "u2net-p + pymatting": ("u2net", "pymatting")}
+    wanted = {
+        "classical": ("classical", "none"),
+        "u2net-p": ("u2net", "none"),
+        "u2net-p + pymatting": ("u2net", "pymatting"),
+    }
     out = {}
     for label, (backend, matting) in wanted.items():
         cfg = replace(config.localize, backend=backend, matting=matting)
@@ -207,8 +212,9 @@ def comparison_localizers(config, cache_dir: Optional[Path] = None) -> dict:
             from .cache import ArrayCache, CachedLocalizer
             from .features import localize_settings
 
-            localizer = CachedLocalizer(localizer, ArrayCache(Path(cache_dir) / "loc"),
-                                        localize_settings(replace(config, localize=cfg)))
+            localizer = CachedLocalizer(
+                localizer, ArrayCache(Path(cache_dir) / "loc"), localize_settings(replace(config, localize=cfg))
+            )
         out[label] = localizer
     return out
 
@@ -216,14 +222,19 @@ def comparison_localizers(config, cache_dir: Optional[Path] = None) -> dict:
 def draw_all(engine, features, evaluation, out_dir: Path, cache_dir: Optional[Path] = None) -> list[Path]:
     """Figures 9, 4 and 6 for an evaluation (CLI --figures)."""
     out_dir = Path(out_dir)
-    written = [figure9_grid(engine.store, features, evaluation, out_dir / "figure9_results.png"),
-               figure4_masks(engine.store, features, evaluation, out_dir / "figure4_masks.png")]
+    written = [
+        figure9_grid(engine.store, features, evaluation, out_dir / "figure9_results.png"),
+        figure4_masks(engine.store, features, evaluation, out_dir / "figure4_masks.png"),
+    ]
     positions = pick_queries(evaluation, features, 4)
     paths = [features.records[evaluation.kept[p]].path for p in positions]
     localizers = comparison_localizers(engine.config, cache_dir)
     if localizers:
-        written.append(figure6_localization(paths, localizers, out_dir / "figure6_localization.png",
-                                            engine.config.preprocess.work_side))
+        written.append(
+            figure6_localization(
+                paths, localizers, out_dir / "figure6_localization.png", engine.config.preprocess.work_side
+            )
+        )
     for path in written:
         log.info("figure: %s", path)
     return written

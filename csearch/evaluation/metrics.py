@@ -10,7 +10,7 @@ drop such queries and report how many they dropped.
 
 from __future__ import annotations
 
-from typing import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,8 +31,9 @@ def _check(rel: np.ndarray, n_relevant: np.ndarray | None = None) -> tuple[np.nd
     return rel, n_relevant.astype(np.int64)
 
 
-def relevance(rankings: Sequence[Sequence[Hashable]], labels: Sequence[Hashable],
-              depth: int | None = None) -> np.ndarray:
+def relevance(
+    rankings: Sequence[Sequence[Hashable]], labels: Sequence[Hashable], depth: int | None = None
+) -> np.ndarray:
     """bool (Q, depth): rankings[q][i] == labels[q]; shorter rankings are padded as not relevant."""
     if len(rankings) != len(labels):
         raise ValueError(f"{len(rankings)} rankings for {len(labels)} labels")
@@ -86,8 +87,9 @@ def reciprocal_rank(rel: np.ndarray) -> np.ndarray:
     return np.where(found, 1.0 / first, 0.0)
 
 
-def summarize(rel: np.ndarray, n_relevant: np.ndarray, recall_ks: Iterable[int] = (1, 5, 10, 20),
-              map_k: int = 10) -> dict[str, float]:
+def summarize(
+    rel: np.ndarray, n_relevant: np.ndarray, recall_ks: Iterable[int] = (1, 5, 10, 20), map_k: int = 10
+) -> dict[str, float]:
     """Mean metrics over queries, keyed as in retrieval.json (`recall@K`, `map@10`, ...)."""
     rel, n_relevant = _check(rel, n_relevant)
     if rel.shape[0] == 0:
@@ -99,8 +101,9 @@ def summarize(rel: np.ndarray, n_relevant: np.ndarray, recall_ks: Iterable[int] 
     return out
 
 
-def latency_percentiles(timings: Sequence[Mapping[str, float]], percentiles: Sequence[float] = (50, 95)
-                        ) -> dict[str, dict[str, float]]:
+def latency_percentiles(
+    timings: Sequence[Mapping[str, float]], percentiles: Sequence[float] = (50, 95)
+) -> dict[str, dict[str, float]]:
     """{stage: {"p50": ms, "p95": ms, "mean": ms}} over queries; a stage missing from some
     queries is summarised over the queries that have it."""
     stages: dict[str, list[float]] = {}

@@ -10,8 +10,9 @@ R-Precision, MRR) score the ranking a user paging through results would see.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -62,9 +63,16 @@ def query_categories(queries: QueryFeatures, row: int, config: Config, restricti
     raise unknown_name("restriction", restriction, RESTRICTIONS)
 
 
-def rank_queries(store, queries: QueryFeatures, config: Config, restriction: str = "off",
-                 reranker: Optional[Reranker] = None, depth: Optional[int] = None, exclude_self: bool = True,
-                 progress: Optional[Callable[[int], None]] = None) -> Evaluation:
+def rank_queries(
+    store,
+    queries: QueryFeatures,
+    config: Config,
+    restriction: str = "off",
+    reranker: Optional[Reranker] = None,
+    depth: Optional[int] = None,
+    exclude_self: bool = True,
+    progress: Optional[Callable[[int], None]] = None,
+) -> Evaluation:
     """Rank every query that has a relevant gallery item (in the IndexStore `store`) and score
     the rankings. `reranker` replaces the configured re-ranking method (the shape study)."""
     gallery = store.snapshot
@@ -80,10 +88,17 @@ def rank_queries(store, queries: QueryFeatures, config: Config, restriction: str
         relevant -= int(np.count_nonzero(gallery_products[excluded[q]] == record.product)) if record.product else 0
         if relevant == 0:
             continue
-        ranking = search_snapshot(gallery, queries.vectors[q], query_bits[q], queries.boxes[q], k=depth,
-                                  settings=config.search, categories=query_categories(queries, q, config, restriction),
-                                  exclude_ids=gallery.ids[excluded[q]],
-                                  reorder=None if reranker is None else functools.partial(reranker, q))
+        ranking = search_snapshot(
+            gallery,
+            queries.vectors[q],
+            query_bits[q],
+            queries.boxes[q],
+            k=depth,
+            settings=config.search,
+            categories=query_categories(queries, q, config, restriction),
+            exclude_ids=gallery.ids[excluded[q]],
+            reorder=None if reranker is None else functools.partial(reranker, q),
+        )
         timings.append(ranking.timings)
         kept.append(q)
         n_relevant.append(relevant)

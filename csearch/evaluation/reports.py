@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -28,11 +29,13 @@ def _format(value: Any, spec: str) -> str:
 def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
     """A GitHub-flavoured Markdown table; numbers right-aligned, text left-aligned."""
     header = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    numeric = [bool(rows) and all(isinstance(r.get(k), (int, float, np.integer, np.floating)) or r.get(k) is None
-                                  for r in rows) for k, _, _ in columns]
+    numeric = [
+        bool(rows)
+        and all(isinstance(r.get(k), (int, float, np.integer, np.floating)) or r.get(k) is None for r in rows)
+        for k, _, _ in columns
+    ]
     rule = "|" + "|".join("---:" if n else "---" for n in numeric) + "|"
-    body = ["| " + " | ".join(_format(r.get(k), f).replace("|", "\\|") for k, _, f in columns) + " |"
-            for r in rows]
+    body = ["| " + " | ".join(_format(r.get(k), f).replace("|", "\\|") for k, _, f in columns) + " |" for r in rows]
     return "\n".join([header, rule, *body]) + "\n"
 
 
@@ -53,9 +56,14 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | Path,
-                   title: str = "Confusion matrix", col_names: Optional[Sequence[str]] = None,
-                   dpi: int = 150) -> Path:
+def plot_confusion(
+    matrix: np.ndarray,
+    class_names: Sequence[str],
+    path: str | Path,
+    title: str = "Confusion matrix",
+    col_names: Optional[Sequence[str]] = None,
+    dpi: int = 150,
+) -> Path:
     """Rows = true class, columns = predicted class. Colour is the row-normalised fraction (so
     small classes are as visible as large ones); cells print their count when non-zero. The
     figure grows with the number of classes, so 40+ names stay readable."""
@@ -72,8 +80,15 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | P
     fraction = np.divide(matrix, support, out=np.zeros(matrix.shape, float), where=support > 0)
     image = ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     for i, j in zip(*np.nonzero(matrix)):
-        ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=font - 1,
-                color="white" if fraction[i, j] > 0.5 else "black")
+        ax.text(
+            j,
+            i,
+            str(int(matrix[i, j])),
+            ha="center",
+            va="center",
+            fontsize=font - 1,
+            color="white" if fraction[i, j] > 0.5 else "black",
+        )
     ax.set_xticks(range(cols), col_names, rotation=90, fontsize=font)
     ax.set_yticks(range(rows), class_names, fontsize=font)
     ax.set_xlabel("predicted")
@@ -91,8 +106,10 @@ def plot_history(history: Sequence[dict], path: str | Path, title: str = "Traini
     axes = fig.subplots(1, 2)
     x = np.arange(1, len(history) + 1)
     for ax, metric in zip(axes, ("accuracy", "loss")):
-        for key, label, style in ((metric, "train", "-"),
-                                  (f"val_{metric}", "validation (split of the training data)", "--")):
+        for key, label, style in (
+            (metric, "train", "-"),
+            (f"val_{metric}", "validation (split of the training data)", "--"),
+        ):
             values = [_float(row.get(key)) for row in history]
             ax.plot(x, values, style, marker=".", label=label)
         ax.set_xlabel("epoch")

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -57,16 +58,18 @@ def index_engine(index_dir: str | Path, search: Optional[dict] = None, top_n: Op
     return engine
 
 
-def gallery_engine(gallery, config: Config, cache_dir: Path, progress: Optional[Callable[[int], None]] = None,
-                   workers: int = 2):
+def gallery_engine(
+    gallery, config: Config, cache_dir: Path, progress: Optional[Callable[[int], None]] = None, workers: int = 2
+):
     """The Engine of the `gallery` catalogue indexed into the cache with the configured models."""
     from ..pipeline import Engine, load_models, resolve_config
     from .features import cached_models, gallery_index
 
     config = resolve_config(config)
     models = load_models(config)
-    store = gallery_index(gallery, config, cached_models(models, config, cache_dir), cache_dir,
-                          progress=progress, workers=workers)
+    store = gallery_index(
+        gallery, config, cached_models(models, config, cache_dir), cache_dir, progress=progress, workers=workers
+    )
     return Engine(store, config, models)
 
 
@@ -103,8 +106,15 @@ def run_queries(engine, queries, cache_dir: Path, read_cache: bool, progress: Op
             prediction = prediction_from(p, models.classifier.class_names, config.classify.top_n)
         times["classify"] = (time.perf_counter() - started) * 1e3
         categories = searched_categories(prediction, None, config)
-        hits, search_times = engine.search(vector, prepared.mask, config.search.k, categories, config,
-                                           exclude_ids=gallery.ids[excluded[q]], box=prepared.box)
+        hits, search_times = engine.search(
+            vector,
+            prepared.mask,
+            config.search.k,
+            categories,
+            config,
+            exclude_ids=gallery.ids[excluded[q]],
+            box=prepared.box,
+        )
         times.update(search_times)
         times["total"] = sum(times.values())
         vectors.append(vector)
@@ -117,18 +127,28 @@ def run_queries(engine, queries, cache_dir: Path, read_cache: bool, progress: Op
             progress(1)
     flush_caches(models)
     features = QueryFeatures(
-        list(queries.records), np.stack(vectors).astype(np.float32), np.stack(masks),
-        np.stack(boxes).astype(np.float32), backends, np.stack(probs) if probs else None,
-        list(models.classifier.class_names) if models.classifier is not None else None)
+        list(queries.records),
+        np.stack(vectors).astype(np.float32),
+        np.stack(masks),
+        np.stack(boxes).astype(np.float32),
+        backends,
+        np.stack(probs) if probs else None,
+        list(models.classifier.class_names) if models.classifier is not None else None,
+    )
     return features, timings, hits_all
 
 
 # ----------------------------------------------------------------------------- the headline
 
 
-def evaluate_headline(engine, queries, cache_dir: Path, read_cache: bool = False,
-                      progress: Optional[Callable[[int], None]] = None,
-                      provenance: Optional[dict] = None) -> tuple[dict, object, object]:
+def evaluate_headline(
+    engine,
+    queries,
+    cache_dir: Path,
+    read_cache: bool = False,
+    progress: Optional[Callable[[int], None]] = None,
+    provenance: Optional[dict] = None,
+) -> tuple[dict, object, object]:
     """Run the `queries` catalogue and score it; returns (report dict, QueryFeatures,
     Evaluation). `read_cache`: reuse cached query localizations (then the localize latency
     measures a cache read); `provenance` ({"gallery": ..., ...}) goes into the report."""
@@ -140,23 +160,28 @@ def evaluate_headline(engine, queries, cache_dir: Path, read_cache: bool = False
     gallery = engine.store.snapshot
     latency = latency_percentiles([timings[q] for q in evaluation.kept])
     report = {key: round(evaluation.metrics[key], 4) for key in HEADLINE_KEYS}
-    report.update({
-        "category_accuracy": category_accuracy(features),
-        "latency_ms_p50": round(latency["total"]["p50"], 2),
-        "latency_ms_p95": round(latency["total"]["p95"], 2),
-        "n_queries": int(len(evaluation.kept)),
-        "n_gallery": int(len(gallery)),
-        "n_queries_without_relevant": int(len(features) - len(evaluation.kept)),
-        "restriction": restriction,
-        "latency_ms": {k: {s: round(v, 2) for s, v in row.items()} for k, row in latency.items()},
-        "latency_note": ("localize times are cache reads (--cached-queries)" if read_cache
-                         else "every query localized, embedded and searched live, one at a time"),
-        "localization_fallbacks": int(sum("empty->full" in b for b in features.backends)),
-        "top1_errors_in_query_category": top1_error_breakdown(gallery, features, evaluation),
-        "ranking_mismatches_vs_engine": count_mismatches(gallery, evaluation, hits),
-        **(provenance or {}),
-        "config": engine.config.to_dict(),
-    })
+    report.update(
+        {
+            "category_accuracy": category_accuracy(features),
+            "latency_ms_p50": round(latency["total"]["p50"], 2),
+            "latency_ms_p95": round(latency["total"]["p95"], 2),
+            "n_queries": int(len(evaluation.kept)),
+            "n_gallery": int(len(gallery)),
+            "n_queries_without_relevant": int(len(features) - len(evaluation.kept)),
+            "restriction": restriction,
+            "latency_ms": {k: {s: round(v, 2) for s, v in row.items()} for k, row in latency.items()},
+            "latency_note": (
+                "localize times are cache reads (--cached-queries)"
+                if read_cache
+                else "every query localized, embedded and searched live, one at a time"
+            ),
+            "localization_fallbacks": int(sum("empty->full" in b for b in features.backends)),
+            "top1_errors_in_query_category": top1_error_breakdown(gallery, features, evaluation),
+            "ranking_mismatches_vs_engine": count_mismatches(gallery, evaluation, hits),
+            **(provenance or {}),
+            "config": engine.config.to_dict(),
+        }
+    )
     return report, features, evaluation
 
 
@@ -187,8 +212,10 @@ def count_mismatches(gallery, evaluation, hits) -> int:
 
 def format_table(report: dict) -> str:
     """The headline numbers and per-stage latency as a small text table."""
-    lines = [f"retrieval: {report['n_queries']} queries vs {report['n_gallery']} gallery images "
-             f"(restriction: {report['restriction']})"]
+    lines = [
+        f"retrieval: {report['n_queries']} queries vs {report['n_gallery']} gallery images "
+        f"(restriction: {report['restriction']})"
+    ]
     for key in HEADLINE_KEYS + ("category_accuracy",):
         value = report.get(key)
         lines.append(f"  {key:<18} {'-' if value is None else f'{value:.4f}'}")

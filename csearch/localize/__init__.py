@@ -19,8 +19,7 @@ from typing import Optional
 from ..config import LocalizeConfig
 from ..errors import WeightsNotFound, unknown_name
 from ..models import resolve_weights
-from .base import (Localizer, MattingFailed, NoLocalizer, SaliencyLocalizer, composite_on_white,
-                   localization_from_alpha)
+from .base import Localizer, MattingFailed, NoLocalizer, SaliencyLocalizer, composite_on_white, localization_from_alpha
 from .classical import ClassicalSaliency
 from .matting import FBAMatting, TrimapMatting, alpha_pymatting, make_trimap
 from .u2net import U2NetSaliency
@@ -30,9 +29,23 @@ MATTINGS = ("none", "pymatting", "fba")
 DEFAULT_U2NET = "u2netp"  # registry name used when LocalizeConfig.model is None
 DEFAULT_FBA = "fba"
 
-__all__ = ["BACKENDS", "MATTINGS", "ClassicalSaliency", "FBAMatting", "Localizer", "MattingFailed", "NoLocalizer",
-           "SaliencyLocalizer", "TrimapMatting", "U2NetSaliency", "alpha_pymatting", "composite_on_white",
-           "localization_from_alpha", "make_localizer", "make_trimap"]
+__all__ = [
+    "BACKENDS",
+    "MATTINGS",
+    "ClassicalSaliency",
+    "FBAMatting",
+    "Localizer",
+    "MattingFailed",
+    "NoLocalizer",
+    "SaliencyLocalizer",
+    "TrimapMatting",
+    "U2NetSaliency",
+    "alpha_pymatting",
+    "composite_on_white",
+    "localization_from_alpha",
+    "make_localizer",
+    "make_trimap",
+]
 
 
 def resolve_model(value: Optional[str], default_name: str) -> Path:
@@ -67,8 +80,9 @@ def make_localizer(cfg: LocalizeConfig, threads: Optional[int] = None, input_siz
         saliency = ClassicalSaliency()
     else:
         spec_name = cfg.model if cfg.model and _is_registry_name(cfg.model) else DEFAULT_U2NET  # its interface
-        saliency = U2NetSaliency(resolve_model(cfg.model, DEFAULT_U2NET), input_size=input_size, threads=threads,
-                                 model=spec_name)
+        saliency = U2NetSaliency(
+            resolve_model(cfg.model, DEFAULT_U2NET), input_size=input_size, threads=threads, model=spec_name
+        )
     return SaliencyLocalizer(saliency, _make_matting(cfg, threads), cfg.threshold)
 
 

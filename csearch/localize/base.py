@@ -7,8 +7,9 @@ optional matting step by `SaliencyLocalizer`, so every backend/matting pair is o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -57,8 +58,13 @@ def composite_on_white(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 def full_localization(image: np.ndarray, backend: str) -> Localization:
     """The whole image is the object (backend 'none', or an explicit empty-mask fallback)."""
     height, width = image.shape[:2]
-    return Localization(alpha=np.ones((height, width), np.float32), mask=np.ones((height, width), bool),
-                        cutout=image.copy(), backend=backend, box=(0, 0, width, height))
+    return Localization(
+        alpha=np.ones((height, width), np.float32),
+        mask=np.ones((height, width), bool),
+        cutout=image.copy(),
+        backend=backend,
+        box=(0, 0, width, height),
+    )
 
 
 def localization_from_alpha(image: np.ndarray, alpha: np.ndarray, threshold: float, backend: str) -> Localization:
@@ -73,8 +79,9 @@ def localization_from_alpha(image: np.ndarray, alpha: np.ndarray, threshold: flo
     mask = alpha > threshold
     if not mask.any():
         return full_localization(image, backend + EMPTY_SUFFIX)
-    return Localization(alpha=alpha, mask=mask, cutout=composite_on_white(image, alpha),
-                        backend=backend, box=pixel_box(mask))
+    return Localization(
+        alpha=alpha, mask=mask, cutout=composite_on_white(image, alpha), backend=backend, box=pixel_box(mask)
+    )
 
 
 class NoLocalizer:

@@ -49,7 +49,7 @@ def _border_colours(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _distance(points: np.ndarray, colours: np.ndarray) -> np.ndarray:
     """Distance of each Lab point (..., 3) to the nearest of `colours` (K, 3)."""
     diffs = points[..., None, :] - colours
-    return np.sqrt((diffs ** 2).sum(-1)).min(-1)
+    return np.sqrt((diffs**2).sum(-1)).min(-1)
 
 
 def _threshold(border_noise: float) -> float:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -30,6 +31,7 @@ CF_MARGIN = 2
 
 
 # --- trimap -----------------------------------------------------------------------------------
+
 
 def _disk(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
@@ -68,12 +70,15 @@ def make_trimap(saliency: np.ndarray, threshold: float = 0.5, band: int = 11) ->
 
 # --- closed-form matting (pymatting) --------------------------------------------------------
 
+
 def _unknown_crop(unknown: np.ndarray, margin: int) -> tuple[slice, slice]:
     rows = np.flatnonzero(unknown.any(axis=1))
     cols = np.flatnonzero(unknown.any(axis=0))
     height, width = unknown.shape
-    return (slice(max(0, rows[0] - margin), min(height, rows[-1] + 1 + margin)),
-            slice(max(0, cols[0] - margin), min(width, cols[-1] + 1 + margin)))
+    return (
+        slice(max(0, rows[0] - margin), min(height, rows[-1] + 1 + margin)),
+        slice(max(0, cols[0] - margin), min(width, cols[-1] + 1 + margin)),
+    )
 
 
 def alpha_pymatting(image: np.ndarray, trimap: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -123,8 +128,11 @@ def _solve_cf(image: np.ndarray, trimap: np.ndarray, scale: float) -> np.ndarray
         return np.where(trimap == FG, 1.0, np.where(trimap == BG, 0.0, 0.5)).astype(np.float32)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     if scale < 1.0 and min(size) >= 3:
-        small = _solve_cf(cv2.resize(image, size, interpolation=cv2.INTER_AREA),
-                          cv2.resize(trimap, size, interpolation=cv2.INTER_NEAREST), 1.0)
+        small = _solve_cf(
+            cv2.resize(image, size, interpolation=cv2.INTER_AREA),
+            cv2.resize(trimap, size, interpolation=cv2.INTER_NEAREST),
+            1.0,
+        )
         return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
     try:
         solved = estimate_alpha_cf(image.astype(np.float64) / 255.0, trimap.astype(np.float64) / 255.0)
@@ -169,7 +177,7 @@ def trimap_distance_channels(two_chan: np.ndarray) -> np.ndarray:
             continue  # the reference leaves an absent region's channels at zero
         dist = cv2.distanceTransform((~region).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         for j, scale in enumerate((0.02, 0.08, 0.16)):
-            out[:, :, 3 * k + j] = np.exp(-(dist ** 2) / (2 * (scale * FBA_L) ** 2))
+            out[:, :, 3 * k + j] = np.exp(-(dist**2) / (2 * (scale * FBA_L) ** 2))
     return out
 
 
@@ -195,12 +203,15 @@ def check_fba_io(inputs, outputs, path: Path) -> None:
     expected = ", ".join(f"{n} [1,{c},H,W]" for n, c in FBA_INPUTS.items()) + f" -> [1,{FBA_OUTPUT_CHANNELS},H,W]"
     found = {name: list(shape) for name, shape in inputs}
     out = list(outputs[0][1]) if outputs else []
-    ok = (set(found) == set(FBA_INPUTS)
-          and all(_rank4_with_channels(found[n], c) for n, c in FBA_INPUTS.items())
-          and _rank4_with_channels(out, FBA_OUTPUT_CHANNELS))
+    ok = (
+        set(found) == set(FBA_INPUTS)
+        and all(_rank4_with_channels(found[n], c) for n, c in FBA_INPUTS.items())
+        and _rank4_with_channels(out, FBA_OUTPUT_CHANNELS)
+    )
     if not ok:
-        raise ModelMismatch(f"{path}: not an FBA matting model: inputs {found}, first output {out}; "
-                            f"expected {expected}")
+        raise ModelMismatch(
+            f"{path}: not an FBA matting model: inputs {found}, first output {out}; expected {expected}"
+        )
 
 
 class FBAMatting:
@@ -232,14 +243,21 @@ class FBAMatting:
 
 # --- saliency -> alpha ------------------------------------------------------------------------
 
+
 class TrimapMatting:
     """(image, saliency) -> alpha: trimap from the thresholded saliency, then `solver`.
 
     `name` ("pymatting" / "fba") becomes part of the Localization's backend string.
     """
 
-    def __init__(self, solver: Callable[[np.ndarray, np.ndarray], np.ndarray], name: str,
-                 threshold: float = 0.5, band: int = 11, files: Optional[list[Path]] = None):
+    def __init__(
+        self,
+        solver: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        name: str,
+        threshold: float = 0.5,
+        band: int = 11,
+        files: Optional[list[Path]] = None,
+    ):
         self.solver, self.name = solver, name
         self.threshold, self.band = float(threshold), int(band)
         self.files = list(files or [])

@@ -9,8 +9,9 @@ convolutional), so no converted file is needed. Sessions come from csearch.model
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -27,8 +28,9 @@ DEFAULT_THREADS = 1
 Shape = Sequence[object]  # ints for fixed dims, str/None for symbolic ones
 
 
-def check_u2net_io(inputs: list[tuple[str, Shape]], outputs: list[tuple[str, Shape]], path: Path,
-                   input_name: str) -> None:
+def check_u2net_io(
+    inputs: list[tuple[str, Shape]], outputs: list[tuple[str, Shape]], path: Path, input_name: str
+) -> None:
     expected = f"one input {input_name!r} [1,3,H,W] and a first output [N,1,H,W]"
     names = [name for name, _ in inputs]
     if len(inputs) != 1 or names[0] != input_name:
@@ -62,8 +64,9 @@ class U2NetSaliency:
 
     name = "u2net"
 
-    def __init__(self, model_path: str | Path, input_size: int = 320, threads: Optional[int] = None,
-                 model: str = "u2netp"):
+    def __init__(
+        self, model_path: str | Path, input_size: int = 320, threads: Optional[int] = None, model: str = "u2netp"
+    ):
         if input_size < 32 or input_size % 32:
             raise ConfigError(f"input_size must be a positive multiple of 32, got {input_size}")
         spec = get_spec(model)

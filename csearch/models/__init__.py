@@ -20,19 +20,71 @@ from .base import Extractor
 from .extractors import META_LAYOUT, META_MODEL, META_PREPROCESSING, META_ROLE, OnnxExtractor, load_extractor
 from .onnx_runtime import onnx_session
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING, preprocess_array
-from .registry import (BACKBONE_LAYER, EXTRACTOR_ROLES, KERAS_URL, PREPROCESS_LAYER, PRETRAINED, REGISTRY, ROLES,
-                       ModelSpec, get_spec, names, register)
-from .weights import (WeightsArg, csearch_home, describe_models, file_sha256, find_weights, keras_cache_dir,
-                      resolve_weights)
+from .registry import (
+    BACKBONE_LAYER,
+    EXTRACTOR_ROLES,
+    KERAS_URL,
+    PREPROCESS_LAYER,
+    PRETRAINED,
+    REGISTRY,
+    ROLES,
+    ModelSpec,
+    get_spec,
+    names,
+    register,
+)
+from .weights import (
+    WeightsArg,
+    csearch_home,
+    describe_models,
+    file_sha256,
+    find_weights,
+    keras_cache_dir,
+    resolve_weights,
+)
 
-_KERAS_NAMES = ("KerasExtractor", "Preprocess", "build_backbone", "custom_objects", "load_backbone_weights",
-                "preprocess_layer")
+_KERAS_NAMES = (
+    "KerasExtractor",
+    "Preprocess",
+    "build_backbone",
+    "custom_objects",
+    "load_backbone_weights",
+    "preprocess_layer",
+)
 
-__all__ = ["BACKBONE_LAYER", "EXTRACTOR_ROLES", "IMAGENET_MEAN", "IMAGENET_STD", "KERAS_URL", "META_LAYOUT",
-           "META_MODEL", "META_PREPROCESSING", "META_ROLE", "PREPROCESSING", "PREPROCESS_LAYER", "PRETRAINED",
-           "REGISTRY", "ROLES", "Extractor", "ModelSpec", "OnnxExtractor", "WeightsArg", "csearch_home",
-           "describe_models", "file_sha256", "find_weights", "get_spec", "keras_cache_dir", "load_extractor",
-           "names", "onnx_session", "preprocess_array", "register", "resolve_weights", *_KERAS_NAMES]
+__all__ = [
+    "BACKBONE_LAYER",
+    "EXTRACTOR_ROLES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "KERAS_URL",
+    "META_LAYOUT",
+    "META_MODEL",
+    "META_PREPROCESSING",
+    "META_ROLE",
+    "PREPROCESSING",
+    "PREPROCESS_LAYER",
+    "PRETRAINED",
+    "REGISTRY",
+    "ROLES",
+    "Extractor",
+    "ModelSpec",
+    "OnnxExtractor",
+    "WeightsArg",
+    "csearch_home",
+    "describe_models",
+    "file_sha256",
+    "find_weights",
+    "get_spec",
+    "keras_cache_dir",
+    "load_extractor",
+    "names",
+    "onnx_session",
+    "preprocess_array",
+    "register",
+    "resolve_weights",
+    *_KERAS_NAMES,
+]
 
 
 def __getattr__(name: str):

@@ -3,8 +3,9 @@ images enter a model (Keras and ONNX extractors alike)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -27,11 +28,11 @@ def extract(extractor: Extractor, images: np.ndarray, run: Callable[[np.ndarray]
     batch gives (0, dim) features without running."""
     size, name = extractor.input_size, extractor.name
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise errors.ImageError(f"{name}: images must be a uint8 numpy array, got "
-                                f"{getattr(images, 'dtype', type(images).__name__)}")
+        raise errors.ImageError(
+            f"{name}: images must be a uint8 numpy array, got {getattr(images, 'dtype', type(images).__name__)}"
+        )
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
-        raise errors.ImageError(f"{name}: images must have shape (N, {size}, {size}, 3), got "
-                                f"{images.shape}")
+        raise errors.ImageError(f"{name}: images must have shape (N, {size}, {size}, 3), got {images.shape}")
     if len(images) == 0:
         return np.zeros((0, extractor.dim), np.float32)
     return run(images)

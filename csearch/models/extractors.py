@@ -34,9 +34,16 @@ class OnnxExtractor:
     in memory and checked once against per-image runs. Where batching would change the result,
     images run one at a time (`self.batched` records which)."""
 
-    def __init__(self, name: str, path: Path, input_name: Optional[str] = None,
-                 output_name: Optional[str] = None, layout: str = "nchw",
-                 preprocessing: str = "raw", image_size: Optional[int] = None):
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        input_name: Optional[str] = None,
+        output_name: Optional[str] = None,
+        layout: str = "nchw",
+        preprocessing: str = "raw",
+        image_size: Optional[int] = None,
+    ):
         self.name, self.path, self.files = name, Path(path), [Path(path)]
         self.layout, self.preprocessing = layout, preprocessing
         graph_model = load_proto(path, f"the {name} extractor")
@@ -45,11 +52,11 @@ class OnnxExtractor:
         self.input_name = input_name or next(iter(inputs), "")
         self.output_name = output_name or outputs[0]
         if self.input_name not in inputs:
-            raise errors.ModelMismatch(f"{name}: {path} has no input {self.input_name!r} "
-                                       f"(inputs: {', '.join(inputs)})")
+            raise errors.ModelMismatch(f"{name}: {path} has no input {self.input_name!r} (inputs: {', '.join(inputs)})")
         if self.output_name not in outputs:
-            raise errors.ModelMismatch(f"{name}: {path} has no output {self.output_name!r} "
-                                       f"(outputs: {', '.join(outputs)})")
+            raise errors.ModelMismatch(
+                f"{name}: {path} has no output {self.output_name!r} (outputs: {', '.join(outputs)})"
+            )
         input_dims = dims(inputs[self.input_name])
         self.input_size = self._input_size(input_dims, image_size)
         fixed_batch = isinstance(input_dims[0], int)
@@ -63,17 +70,18 @@ class OnnxExtractor:
 
     def _input_size(self, input_dims: list, image_size: Optional[int]) -> int:
         if len(input_dims) != 4:
-            raise errors.ModelMismatch(f"{self.name}: ONNX input {self.input_name!r} must be 4-d "
-                                       f"images, got shape {input_dims}")
+            raise errors.ModelMismatch(
+                f"{self.name}: ONNX input {self.input_name!r} must be 4-d images, got shape {input_dims}"
+            )
         spatial = input_dims[2:4] if self.layout == "nchw" else input_dims[1:3]
         fixed = spatial[0] if isinstance(spatial[0], int) else None
         if fixed and image_size and image_size != fixed:
-            raise errors.ModelMismatch(f"{self.name}: the ONNX model takes {fixed} px input, "
-                                       f"got image_size={image_size}")
+            raise errors.ModelMismatch(
+                f"{self.name}: the ONNX model takes {fixed} px input, got image_size={image_size}"
+            )
         size = fixed or image_size
         if not size:
-            raise errors.ConfigError(f"{self.name}: the ONNX input size is not fixed; pass "
-                                     "image_size")
+            raise errors.ConfigError(f"{self.name}: the ONNX input size is not fixed; pass image_size")
         return int(size)
 
     def _probe(self) -> np.ndarray:
@@ -83,8 +91,9 @@ class OnnxExtractor:
         try:
             return self._run(images)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise errors.ModelMismatch(f"{self.name}: {self.path} does not run on {self.input_size} px "
-                                       f"images: {errors.one_line(exc, 160)}") from None
+            raise errors.ModelMismatch(
+                f"{self.name}: {self.path} does not run on {self.input_size} px images: {errors.one_line(exc, 160)}"
+            ) from None
 
     def _batching_works(self, single: np.ndarray) -> bool:
         """A batch-1 export may bake batch 1 into reshapes: batched runs then fail or mix
@@ -94,8 +103,9 @@ class OnnxExtractor:
             batched = self._probe()
         except errors.ModelMismatch:
             batched = None
-        exact = batched is not None and batched.shape == single.shape and \
-            np.allclose(batched, single, rtol=1e-4, atol=1e-4)
+        exact = (
+            batched is not None and batched.shape == single.shape and np.allclose(batched, single, rtol=1e-4, atol=1e-4)
+        )
         if not exact:
             log.info("%s: the batch dim is fixed at 1; running images one at a time", self.name)
         return exact
@@ -111,8 +121,9 @@ class OnnxExtractor:
         if self.batched:
             out = self.session.run([self.output_name], {self.input_name: x})[0]
         else:
-            out = np.concatenate([self.session.run([self.output_name], {self.input_name: x[i:i + 1]})[0]
-                                  for i in range(len(x))])
+            out = np.concatenate(
+                [self.session.run([self.output_name], {self.input_name: x[i : i + 1]})[0] for i in range(len(x))]
+            )
         return np.asarray(out, np.float32).reshape(len(x), -1)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -122,20 +133,24 @@ class OnnxExtractor:
 def _load_exported(path: Path, weights: WeightsArg, image_size: Optional[int]) -> OnnxExtractor:
     """An extractor from an `.onnx` file written by `csearch export` (its metadata says how to
     feed it: NHWC float RGB in [0, 255] for exported Keras backbones)."""
-    if weights is not None and not (isinstance(weights, str) and
-                                    weights.lower() in PRETRAINED + ("none",)):
-        raise errors.ConfigError(f"{path}: an exported ONNX extractor holds its weights; "
-                                 f"do not pass weights={weights!r}")
+    if weights is not None and not (isinstance(weights, str) and weights.lower() in PRETRAINED + ("none",)):
+        raise errors.ConfigError(
+            f"{path}: an exported ONNX extractor holds its weights; do not pass weights={weights!r}"
+        )
     what = "an extractor written by `csearch export`"
     meta = {p.key: p.value for p in load_proto(path, what, load_external_data=False).metadata_props}
     if meta.get(META_ROLE) != "extractor":
         raise errors.ModelMismatch(f"{path}: not {what} (metadata {META_ROLE}={meta.get(META_ROLE)!r})")
-    return OnnxExtractor(str(path), path.resolve(), layout=meta.get(META_LAYOUT, "nhwc"),
-                         preprocessing=meta.get(META_PREPROCESSING, "raw"), image_size=image_size)
+    return OnnxExtractor(
+        str(path),
+        path.resolve(),
+        layout=meta.get(META_LAYOUT, "nhwc"),
+        preprocessing=meta.get(META_PREPROCESSING, "raw"),
+        image_size=image_size,
+    )
 
 
-def load_extractor(name: str, weights: WeightsArg = "imagenet",
-                   image_size: Optional[int] = None) -> Extractor:
+def load_extractor(name: str, weights: WeightsArg = "imagenet", image_size: Optional[int] = None) -> Extractor:
     """A registered extractor (Keras backbone or ONNX), or an `.onnx` file from `csearch export`.
 
     Resolving weights may download (Keras backbones with weights="imagenet" not cached yet);
@@ -155,5 +170,6 @@ def load_extractor(name: str, weights: WeightsArg = "imagenet",
         from .keras_backbones import KerasExtractor, build_backbone  # Keras only for Keras backbones
 
         return KerasExtractor(name, build_backbone(name, path, image_size), [path] if path else [])
-    return OnnxExtractor(name, path, spec.onnx_inputs[0], spec.onnx_outputs[0], spec.layout,
-                         spec.preprocessing, image_size)
+    return OnnxExtractor(
+        name, path, spec.onnx_inputs[0], spec.onnx_outputs[0], spec.layout, spec.preprocessing, image_size
+    )

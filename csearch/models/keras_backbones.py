@@ -7,8 +7,9 @@ really builds or loads a Keras model pays for importing Keras/TensorFlow.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import keras
 import numpy as np
@@ -39,8 +40,7 @@ class Preprocess(keras.layers.Layer):
             x = ops.flip(x, axis=-1)
         if self.mode == "raw":
             return x
-        return x * ops.convert_to_tensor(self._scale, "float32") + \
-            ops.convert_to_tensor(self._offset, "float32")
+        return x * ops.convert_to_tensor(self._scale, "float32") + ops.convert_to_tensor(self._offset, "float32")
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -62,13 +62,13 @@ def preprocess_layer(mode: str, name: str = PREPROCESS_LAYER) -> Preprocess:
 
 def _check_image_size(name: str, image_size: int) -> int:
     if not isinstance(image_size, (int, np.integer)) or image_size < MIN_IMAGE_SIZE:
-        raise errors.ConfigError(f"{name}: image_size must be an integer >= {MIN_IMAGE_SIZE}, "
-                                 f"got {image_size!r}")
+        raise errors.ConfigError(f"{name}: image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
     return int(image_size)
 
 
-def build_backbone(name: str, weights: WeightsArg = "imagenet", image_size: Optional[int] = None,
-                   trainable: bool = False):
+def build_backbone(
+    name: str, weights: WeightsArg = "imagenet", image_size: Optional[int] = None, trainable: bool = False
+):
     """A `keras.Model`: float32 RGB in [0, 255], shape (S, S, 3) -> pooled features (D,).
 
     Layers: input "image" -> "preprocess" (model-specific scaling, `PREPROCESS_LAYER`) ->
@@ -86,8 +86,8 @@ def build_backbone(name: str, weights: WeightsArg = "imagenet", image_size: Opti
     size = _check_image_size(name, image_size or spec.input_size)
     path = resolve_weights(name, weights)  # before building: fail fast, cheaply
     inner = getattr(keras.applications, spec.builder)(
-        include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg",
-        **dict(spec.builder_kwargs))
+        include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg", **dict(spec.builder_kwargs)
+    )
     # Renamed afterwards: EfficientNetV2 uses its `name` argument to pick its architecture.
     inner.name = BACKBONE_LAYER
     if path is not None:
@@ -112,14 +112,16 @@ def load_backbone_weights(inner, path: Path, name: str) -> None:
             warnings.filterwarnings("ignore", message=".*Skipping nested container.*")
             inner.load_weights(str(path))
     except (ValueError, KeyError, OSError) as exc:
-        raise errors.ModelMismatch(f"{name}: weights file {path} does not fit the {name} "
-                                   f"backbone: {errors.one_line(exc, 160)}") from None
-    unset = [v.path for v in inner.weights
-             if np.isnan(keras.ops.convert_to_numpy(v)).any()]
+        raise errors.ModelMismatch(
+            f"{name}: weights file {path} does not fit the {name} backbone: {errors.one_line(exc, 160)}"
+        ) from None
+    unset = [v.path for v in inner.weights if np.isnan(keras.ops.convert_to_numpy(v)).any()]
     if unset:
-        raise errors.ModelMismatch(f"{name}: weights file {path} left {len(unset)} of "
-                                   f"{len(inner.weights)} weights unset (e.g. {unset[0]}); "
-                                   f"is it a {name} file?")
+        raise errors.ModelMismatch(
+            f"{name}: weights file {path} left {len(unset)} of "
+            f"{len(inner.weights)} weights unset (e.g. {unset[0]}); "
+            f"is it a {name} file?"
+        )
 
 
 class KerasExtractor:

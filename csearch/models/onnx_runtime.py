@@ -45,8 +45,12 @@ def session_options(threads: Optional[int] = None):
     return options
 
 
-def onnx_session(model: ModelSource, what: str = "an ONNX model", threads: Optional[int] = None,
-                 origin: Union[None, str, os.PathLike] = None):
+def onnx_session(
+    model: ModelSource,
+    what: str = "an ONNX model",
+    threads: Optional[int] = None,
+    origin: Union[None, str, os.PathLike] = None,
+):
     """An onnxruntime InferenceSession for a file path, serialized bytes or an in-memory ModelProto.
 
     A file onnxruntime cannot load is a one-line ModelMismatch naming `origin` (default: the
@@ -61,12 +65,14 @@ def onnx_session(model: ModelSource, what: str = "an ONNX model", threads: Optio
     try:
         return ort.InferenceSession(source, session_options(threads), providers=providers())
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors (Fail, InvalidGraph...) derive from Exception only
-        raise ModelMismatch(f"{origin or 'in-memory model'}: ONNX Runtime cannot load it as {what}: "
-                            f"{one_line(exc, 160)}") from None
+        raise ModelMismatch(
+            f"{origin or 'in-memory model'}: ONNX Runtime cannot load it as {what}: {one_line(exc, 160)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
 # Reading graphs (interface checks before a session is built)
+
 
 def check_file(path: Union[str, os.PathLike], what: str) -> Path:
     """The path of an existing model file, else a WeightsNotFound naming it."""
@@ -89,8 +95,9 @@ def load_proto(path: Union[str, os.PathLike], what: str, load_external_data: boo
 
 def dims(value_info) -> Dims:
     """The shape of a graph input/output: ints for fixed dims, the symbol (or None) otherwise."""
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in value_info.type.tensor_type.shape.dim]
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value_info.type.tensor_type.shape.dim
+    ]
 
 
 def graph_inputs(model) -> list:
@@ -101,8 +108,7 @@ def graph_inputs(model) -> list:
 
 def graph_io(model) -> tuple[list[tuple[str, Dims]], list[tuple[str, Dims]]]:
     """(name, dims) of the graph's real inputs and of its outputs."""
-    return ([(v.name, dims(v)) for v in graph_inputs(model)],
-            [(v.name, dims(v)) for v in model.graph.output])
+    return ([(v.name, dims(v)) for v in graph_inputs(model)], [(v.name, dims(v)) for v in model.graph.output])
 
 
 def dim_matches(dim: object, value: int) -> bool:

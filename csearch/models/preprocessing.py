@@ -18,8 +18,11 @@ PREPROCESSING: dict[str, tuple[bool, tuple[float, ...], tuple[float, ...]]] = {
     "tf": (False, (1 / 127.5,) * 3, (-1.0,) * 3),  # MobileNet, MobileNetV2, ResNetV2: [-1, 1]
     "caffe": (True, (1.0,) * 3, (-103.939, -116.779, -123.68)),  # ResNet50: BGR minus mean
     "lite": (False, (1 / 128,) * 3, (-127 / 128,) * 3),  # EfficientNet-Lite: (x - 127) / 128
-    "imagenet": (False, tuple(1 / (255 * s) for s in IMAGENET_STD),
-                 tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))),  # torch-style
+    "imagenet": (
+        False,
+        tuple(1 / (255 * s) for s in IMAGENET_STD),
+        tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)),
+    ),  # torch-style
 }
 # Modes that the ONNX localizers apply as (x / 255 - mean) / std, in that order of operations:
 # the same value as the table's scale/offset, but the exact float32 arithmetic their reference

@@ -14,8 +14,9 @@ Roles:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 from .. import errors
 from .preprocessing import preprocessing_step
@@ -76,72 +77,152 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 _RESNET_NOTE = "ImageNet weights via Keras' own download (~/.keras/models)"
 
-register(ModelSpec(
-    name="resnet50", role="backbone", input_size=224, dim=2048, preprocessing="caffe",
-    builder="ResNet50", weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    keras_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", keras_dir="resnet",
-    keras_hash="4d473c1dd8becc155b73f8504c6f6626",
-    description="ResNet50 (the paper's extractor), 2048-d average-pooled",
-    source=_RESNET_NOTE))
-register(ModelSpec(
-    name="resnet101v2", role="backbone", input_size=224, dim=2048, preprocessing="tf",
-    builder="ResNet101V2", weights_file="resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    keras_file="resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5", keras_dir="resnet",
-    keras_hash="c0ed64b8031c3730f411d2eb4eea35b5",
-    description="ResNet101V2, 2048-d average-pooled", source=_RESNET_NOTE))
-register(ModelSpec(
-    name="efficientnetv2l", role="backbone", input_size=480, dim=1280, preprocessing="raw",
-    builder="EfficientNetV2L", builder_kwargs=(("include_preprocessing", True),),
-    weights_file="efficientnetv2-l_notop.h5", keras_file="efficientnetv2-l_notop.h5",
-    keras_dir="efficientnet_v2", keras_hash="b0b66b5c863aef5b46e8608fe1711615",
-    description="EfficientNetV2-L (normalises inside), 1280-d average-pooled; native 480 px",
-    source=_RESNET_NOTE))
-register(ModelSpec(
-    name="mobilenetv2", role="backbone", input_size=224, dim=1280, preprocessing="tf",
-    builder="MobileNetV2", weights_file="mobilenet_v2_1.0_224_imagenet.weights.h5",
-    sha256="0c5f5bc50d19e13d43afd27d7608cc75d817459b7e1bb7a145a0b4b8a84b135d",
-    keras_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-    keras_dir="mobilenet_v2",
-    description="MobileNetV2 1.0, 1280-d average-pooled (keep training=False: see README)",
-    source="Keras' own download, or the Keras 3 weights file of MobileNetV2(alpha=1.0)"))
-register(ModelSpec(
-    name="mobilenet", role="backbone", input_size=224, dim=1024, preprocessing="tf",
-    builder="MobileNet", weights_file="mobilenet_1.0_224_imagenet.weights.h5",
-    sha256="4f1d1877afe9e2fb3334ace425ae95151cf407d1a47f82c9f214dee516b1a006",
-    keras_file="mobilenet_1_0_224_tf_no_top.h5", keras_dir="mobilenet",
-    description="MobileNetV1 1.0, 1024-d average-pooled",
-    source="Keras' own download, or the Keras 3 weights file of MobileNet(alpha=1.0)"))
-register(ModelSpec(
-    name="efficientnet_lite0", role="onnx_extractor", input_size=224, dim=1280,
-    preprocessing="lite", layout="nchw", weights_file="efficientnet_lite0_imagenet.onnx",
-    sha256="c8c9c433812a4addd58cba204c06c1662240aac7ca321841a0756519f0ba9431",
-    onnx_inputs=("input",), onnx_outputs=("features",),
-    description="EfficientNet-Lite0 (ONNX), 1280-d pooled",
-    source="export an ImageNet EfficientNet-Lite0 (e.g. timm's tf_efficientnet_lite0) to ONNX with input "
-           "'input' float32 [1,3,224,224] ((x-127)/128, RGB) and output 'features' [1,1280] (the pooled "
-           "features); or use --extractor mobilenetv2, whose weights Keras downloads itself (slightly "
-           "lower Recall@1, docs/results/retrieval.md)"))
-register(ModelSpec(
-    name="u2netp", role="saliency", input_size=320, dim=None, preprocessing="imagenet",
-    layout="nchw", weights_file="u2netp.onnx",
-    sha256="309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8",
-    onnx_inputs=("input.1",),
-    description="U²-Net-p salient object detection (4.7 MB); first output is the fused map",
-    source="https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2netp.onnx"))
-register(ModelSpec(
-    name="u2net", role="saliency", input_size=320, dim=None, preprocessing="imagenet",
-    layout="nchw", weights_file="u2net.onnx", onnx_inputs=("input.1",),
-    description="U²-Net salient object detection (176 MB); first output is the fused map",
-    source="https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx"))
-register(ModelSpec(
-    name="fba", role="matting", input_size=0, dim=None, preprocessing="imagenet", layout="nchw",
-    weights_file="fba_matting.onnx",
-    onnx_inputs=("image", "two_chan_trimap", "image_n", "trimap_transformed"),
-    description="FBA matting: inputs image [1,3,H,W] in [0,1], trimap [1,2,H,W], ImageNet-"
-                "normalised image [1,3,H,W], distance-transformed trimap [1,6,H,W]; output "
-                "[1,7,H,W] = alpha, fg(3), bg(3); any H, W (input_size 0)",
-    source="export FBA Matting (github.com/MarcoForte/FBA_Matting, non-commercial licence) to "
-           "ONNX with those four inputs"))
+register(
+    ModelSpec(
+        name="resnet50",
+        role="backbone",
+        input_size=224,
+        dim=2048,
+        preprocessing="caffe",
+        builder="ResNet50",
+        weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        keras_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        keras_dir="resnet",
+        keras_hash="4d473c1dd8becc155b73f8504c6f6626",
+        description="ResNet50 (the paper's extractor), 2048-d average-pooled",
+        source=_RESNET_NOTE,
+    )
+)
+register(
+    ModelSpec(
+        name="resnet101v2",
+        role="backbone",
+        input_size=224,
+        dim=2048,
+        preprocessing="tf",
+        builder="ResNet101V2",
+        weights_file="resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        keras_file="resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        keras_dir="resnet",
+        keras_hash="c0ed64b8031c3730f411d2eb4eea35b5",
+        description="ResNet101V2, 2048-d average-pooled",
+        source=_RESNET_NOTE,
+    )
+)
+register(
+    ModelSpec(
+        name="efficientnetv2l",
+        role="backbone",
+        input_size=480,
+        dim=1280,
+        preprocessing="raw",
+        builder="EfficientNetV2L",
+        builder_kwargs=(("include_preprocessing", True),),
+        weights_file="efficientnetv2-l_notop.h5",
+        keras_file="efficientnetv2-l_notop.h5",
+        keras_dir="efficientnet_v2",
+        keras_hash="b0b66b5c863aef5b46e8608fe1711615",
+        description="EfficientNetV2-L (normalises inside), 1280-d average-pooled; native 480 px",
+        source=_RESNET_NOTE,
+    )
+)
+register(
+    ModelSpec(
+        name="mobilenetv2",
+        role="backbone",
+        input_size=224,
+        dim=1280,
+        preprocessing="tf",
+        builder="MobileNetV2",
+        weights_file="mobilenet_v2_1.0_224_imagenet.weights.h5",
+        sha256="0c5f5bc50d19e13d43afd27d7608cc75d817459b7e1bb7a145a0b4b8a84b135d",
+        keras_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+        keras_dir="mobilenet_v2",
+        description="MobileNetV2 1.0, 1280-d average-pooled (keep training=False: see README)",
+        source="Keras' own download, or the Keras 3 weights file of MobileNetV2(alpha=1.0)",
+    )
+)
+register(
+    ModelSpec(
+        name="mobilenet",
+        role="backbone",
+        input_size=224,
+        dim=1024,
+        preprocessing="tf",
+        builder="MobileNet",
+        weights_file="mobilenet_1.0_224_imagenet.weights.h5",
+        sha256="4f1d1877afe9e2fb3334ace425ae95151cf407d1a47f82c9f214dee516b1a006",
+        keras_file="mobilenet_1_0_224_tf_no_top.h5",
+        keras_dir="mobilenet",
+        description="MobileNetV1 1.0, 1024-d average-pooled",
+        source="Keras' own download, or the Keras 3 weights file of MobileNet(alpha=1.0)",
+    )
+)
+register(
+    ModelSpec(
+        name="efficientnet_lite0",
+        role="onnx_extractor",
+        input_size=224,
+        dim=1280,
+        preprocessing="lite",
+        layout="nchw",
+        weights_file="efficientnet_lite0_imagenet.onnx",
+        sha256="c8c9c433812a4addd58cba204c06c1662240aac7ca321841a0756519f0ba9431",
+        onnx_inputs=("input",),
+        onnx_outputs=("features",),
+        description="EfficientNet-Lite0 (ONNX), 1280-d pooled",
+        source="export an ImageNet EfficientNet-Lite0 (e.g. timm's tf_efficientnet_lite0) to ONNX with input "
+        "'input' float32 [1,3,224,224] ((x-127)/128, RGB) and output 'features' [1,1280] (the pooled "
+        "features); or use --extractor mobilenetv2, whose weights Keras downloads itself (slightly "
+        "lower Recall@1, docs/results/retrieval.md)",
+    )
+)
+register(
+    ModelSpec(
+        name="u2netp",
+        role="saliency",
+        input_size=320,
+        dim=None,
+        preprocessing="imagenet",
+        layout="nchw",
+        weights_file="u2netp.onnx",
+        sha256="309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8",
+        onnx_inputs=("input.1",),
+        description="U²-Net-p salient object detection (4.7 MB); first output is the fused map",
+        source="https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2netp.onnx",
+    )
+)
+register(
+    ModelSpec(
+        name="u2net",
+        role="saliency",
+        input_size=320,
+        dim=None,
+        preprocessing="imagenet",
+        layout="nchw",
+        weights_file="u2net.onnx",
+        onnx_inputs=("input.1",),
+        description="U²-Net salient object detection (176 MB); first output is the fused map",
+        source="https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx",
+    )
+)
+register(
+    ModelSpec(
+        name="fba",
+        role="matting",
+        input_size=0,
+        dim=None,
+        preprocessing="imagenet",
+        layout="nchw",
+        weights_file="fba_matting.onnx",
+        onnx_inputs=("image", "two_chan_trimap", "image_n", "trimap_transformed"),
+        description="FBA matting: inputs image [1,3,H,W] in [0,1], trimap [1,2,H,W], ImageNet-"
+        "normalised image [1,3,H,W], distance-transformed trimap [1,6,H,W]; output "
+        "[1,7,H,W] = alpha, fg(3), bg(3); any H, W (input_size 0)",
+        source="export FBA Matting (github.com/MarcoForte/FBA_Matting, non-commercial licence) to "
+        "ONNX with those four inputs",
+    )
+)
 
 
 def names(role: Union[None, str, Sequence[str]] = None) -> list[str]:

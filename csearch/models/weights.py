@@ -51,8 +51,10 @@ def resolve_weights(name: str, weights: WeightsArg = "imagenet") -> Optional[Pat
     spec = get_spec(name)
     if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
         if not spec.is_keras:
-            raise errors.ConfigError(f"{name} is an ONNX model: weights must be 'imagenet' "
-                                     f"(the file {spec.weights_file}) or a file path, not none")
+            raise errors.ConfigError(
+                f"{name} is an ONNX model: weights must be 'imagenet' "
+                f"(the file {spec.weights_file}) or a file path, not none"
+            )
         return None
     if isinstance(weights, str) and weights.lower() in PRETRAINED:
         return find_weights(name) or _download(spec)
@@ -70,19 +72,22 @@ def _download(spec: ModelSpec) -> Path:
         raise errors.WeightsNotFound(
             f"{spec.name}: model file not found. Put {spec.weights_file} in {home} (or pass a "
             f"file path, or set CSEARCH_HOME to its folder); "
-            f"{'download it from' if spec.source.startswith('http') else 'to make it:'} {spec.source}")
+            f"{'download it from' if spec.source.startswith('http') else 'to make it:'} {spec.source}"
+        )
     import keras
 
     try:
         # Broad on purpose: get_file raises bare Exception for network errors; the reason is
         # kept in the message, so nothing is swallowed.
         with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress; stdout is for --json
-            got = keras.utils.get_file(spec.keras_file, spec.keras_url, cache_subdir="models",
-                                       file_hash=spec.keras_hash)
+            got = keras.utils.get_file(
+                spec.keras_file, spec.keras_url, cache_subdir="models", file_hash=spec.keras_hash
+            )
     except Exception as exc:  # noqa: BLE001
         raise errors.WeightsNotFound(
             f"{spec.name}: ImageNet weights not found. Put {spec.weights_file} in {home} (or "
-            f"pass a file path); download of {spec.keras_file} failed: {errors.one_line(exc)}") from None
+            f"pass a file path); download of {spec.keras_file} failed: {errors.one_line(exc)}"
+        ) from None
     return Path(got).resolve()
 
 
@@ -109,10 +114,17 @@ def describe_models() -> list[dict]:
     for name in names():
         spec = REGISTRY[name]
         found = find_weights(name)
-        rows.append({
-            "name": name, "role": spec.role, "dim": spec.dim, "input_size": spec.input_size,
-            "weights_file": spec.weights_file, "found": str(found) if found else None,
-            "put_in": str(csearch_home()), "source": spec.source,
-            "description": spec.description,
-        })
+        rows.append(
+            {
+                "name": name,
+                "role": spec.role,
+                "dim": spec.dim,
+                "input_size": spec.input_size,
+                "weights_file": spec.weights_file,
+                "found": str(found) if found else None,
+                "put_in": str(csearch_home()),
+                "source": spec.source,
+                "description": spec.description,
+            }
+        )
     return rows

@@ -16,6 +16,19 @@ from .manifest import FORMAT, MANIFEST, VERSION
 from .segments import MERGE_FACTOR, SEGMENT_PREFIX
 from .snapshot import Snapshot
 
-__all__ = ["FORMAT", "LOCK_FILE", "MANIFEST", "MERGE_FACTOR", "SEGMENT_PREFIX", "TOMB_PREFIX", "VERSION",
-           "IndexStore", "Snapshot", "VectorSnapshot", "VectorStore", "fsync_dir", "save_npy_atomic",
-           "write_bytes_atomic"]
+__all__ = [
+    "FORMAT",
+    "LOCK_FILE",
+    "MANIFEST",
+    "MERGE_FACTOR",
+    "SEGMENT_PREFIX",
+    "TOMB_PREFIX",
+    "VERSION",
+    "IndexStore",
+    "Snapshot",
+    "VectorSnapshot",
+    "VectorStore",
+    "fsync_dir",
+    "save_npy_atomic",
+    "write_bytes_atomic",
+]

@@ -15,7 +15,8 @@ for the hits.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
+from collections.abc import Iterable, Sequence
+from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class VectorSnapshot(Protocol):
         """Rows of `ids`, in the order given; StoreError naming any id not in the store."""
 
     def gather(self, column: str, rows) -> np.ndarray:
-        """"ids", "vectors", "sq_norms", "masks" (bit-packed) or "boxes" at the given rows."""
+        """ "ids", "vectors", "sq_norms", "masks" (bit-packed) or "boxes" at the given rows."""
 
     def masks(self, rows) -> np.ndarray:
         """bool (n, S, S) masks of the given rows."""
@@ -75,9 +76,15 @@ class VectorStore(Protocol):
     def refresh(self) -> bool:
         """Load the latest committed state; True when the snapshot changed."""
 
-    def add(self, vectors: np.ndarray, masks: np.ndarray, boxes: np.ndarray, paths: Sequence[str],
-            categories: Optional[Sequence[Optional[str]]] = None,
-            products: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
+    def add(
+        self,
+        vectors: np.ndarray,
+        masks: np.ndarray,
+        boxes: np.ndarray,
+        paths: Sequence[str],
+        categories: Optional[Sequence[Optional[str]]] = None,
+        products: Optional[Sequence[Optional[str]]] = None,
+    ) -> np.ndarray:
         """Append items; return their new int64 ids, ascending."""
 
     def remove(self, ids, missing_ok: bool = False) -> int:

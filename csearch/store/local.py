@@ -28,9 +28,10 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -60,8 +61,15 @@ class IndexStore:
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
-    def create(cls, directory, meta: dict, dim: int, mask_size: int = 64, overwrite: bool = False,
-               lock_timeout: Optional[float] = 60.0) -> "IndexStore":
+    def create(
+        cls,
+        directory,
+        meta: dict,
+        dim: int,
+        mask_size: int = 64,
+        overwrite: bool = False,
+        lock_timeout: Optional[float] = 60.0,
+    ) -> IndexStore:
         """Create an empty index. With `overwrite` an existing index there is replaced in one
         atomic commit (its readers see the new, empty index on refresh). A directory holding
         anything else is refused, so a mistyped path never loses files."""
@@ -79,8 +87,9 @@ class IndexStore:
             raise StoreError(f"an index already exists in {directory}; pass overwrite to replace it")
         foreign = sorted(p.name for p in directory.iterdir() if not _is_ours(p.name))
         if foreign and not has_index:
-            raise StoreError(f"{directory} is not empty and not a csearch index (holds {foreign[0]!r}); "
-                             f"refusing to write there")
+            raise StoreError(
+                f"{directory} is not empty and not a csearch index (holds {foreign[0]!r}); refusing to write there"
+            )
         with _writer_lock(directory, lock_timeout):
             try:
                 generation = read_manifest(directory)["generation"] if has_index else 0
@@ -88,16 +97,26 @@ class IndexStore:
                 generation = 0
             # fresh segment names, so nothing of the old index is ever overwritten in place
             numbers_used = [n for n in map(segment_number, os.listdir(directory)) if n is not None]
-            manifest = {"format": FORMAT, "version": VERSION, "uuid": uuid.uuid4().hex,
-                        "generation": generation + 1, "dim": dim, "mask_size": mask_size, "next_id": 0,
-                        "next_segment": max(numbers_used, default=0) + 1,
-                        "live": 0, "segments": [], "tombstones": None, "meta": meta}
+            manifest = {
+                "format": FORMAT,
+                "version": VERSION,
+                "uuid": uuid.uuid4().hex,
+                "generation": generation + 1,
+                "dim": dim,
+                "mask_size": mask_size,
+                "next_id": 0,
+                "next_segment": max(numbers_used, default=0) + 1,
+                "live": 0,
+                "segments": [],
+                "tombstones": None,
+                "meta": meta,
+            }
             write_manifest(directory, manifest)
             _collect_garbage(directory, manifest)
         return cls.open(directory, lock_timeout=lock_timeout)
 
     @classmethod
-    def open(cls, directory, lock_timeout: Optional[float] = 60.0) -> "IndexStore":
+    def open(cls, directory, lock_timeout: Optional[float] = 60.0) -> IndexStore:
         """Open an existing index for reading (and writing); StoreError if it is not one."""
         directory = Path(directory).expanduser().absolute()
         return cls(directory, load_snapshot(directory), lock_timeout)
@@ -117,8 +136,10 @@ class IndexStore:
         return len(self._snapshot)
 
     def __repr__(self) -> str:
-        return (f"IndexStore({str(self.directory)!r}, items={len(self)}, dim={self.dim}, "
-                f"mask_size={self.mask_size}, generation={self._snapshot.generation})")
+        return (
+            f"IndexStore({str(self.directory)!r}, items={len(self)}, dim={self.dim}, "
+            f"mask_size={self.mask_size}, generation={self._snapshot.generation})"
+        )
 
     def refresh(self) -> bool:
         """Load the latest commit if another process (or thread) changed the index; cheap when
@@ -166,9 +187,15 @@ class IndexStore:
         manifest["next_segment"] += 1
         return write_segment(self.directory, name, sources, manifest["dim"], mask_bytes(manifest["mask_size"]))
 
-    def add(self, vectors: np.ndarray, masks: np.ndarray, boxes: np.ndarray, paths: Sequence[str],
-            categories: Optional[Sequence[Optional[str]]] = None,
-            products: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
+    def add(
+        self,
+        vectors: np.ndarray,
+        masks: np.ndarray,
+        boxes: np.ndarray,
+        paths: Sequence[str],
+        categories: Optional[Sequence[Optional[str]]] = None,
+        products: Optional[Sequence[Optional[str]]] = None,
+    ) -> np.ndarray:
         """Append items; return their new ids (int64, ascending). Durable when it returns.
 
         vectors float32 (n, dim); masks bool (n, S, S) with S = mask_size (see `masks.resize_mask`);
@@ -176,8 +203,9 @@ class IndexStore:
         segment completes a size tier, the tier is merged into it in the same commit.
         """
         with self._writing() as manifest:
-            new = validate_add(vectors, masks, boxes, paths, categories, products,
-                                manifest["dim"], manifest["mask_size"])
+            new = validate_add(
+                vectors, masks, boxes, paths, categories, products, manifest["dim"], manifest["mask_size"]
+            )
             if not len(new):
                 return np.zeros(0, np.int64)
             ids = np.arange(manifest["next_id"], manifest["next_id"] + len(new), dtype=np.int64)
@@ -291,8 +319,10 @@ def _writer_lock(directory: Path, timeout: Optional[float]) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    raise StoreError(f"index {directory} is being written by another process "
-                                     f"(pid {holder}); waited {timeout:g} s, try again") from None
+                    raise StoreError(
+                        f"index {directory} is being written by another process "
+                        f"(pid {holder}); waited {timeout:g} s, try again"
+                    ) from None
                 time.sleep(0.02)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # only to name the holder in the error above

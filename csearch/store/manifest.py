@@ -9,8 +9,8 @@ once `write_manifest` has replaced the file.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import StoreError
 from .durable import write_bytes_atomic
@@ -19,9 +19,19 @@ FORMAT = "csearch-index"
 VERSION = 1
 MANIFEST = "manifest.json"
 
-_MANIFEST_KEYS = {"format": str, "version": int, "uuid": str, "generation": int, "dim": int,
-                  "mask_size": int, "next_id": int, "next_segment": int, "live": int,
-                  "segments": list, "meta": dict}
+_MANIFEST_KEYS = {
+    "format": str,
+    "version": int,
+    "uuid": str,
+    "generation": int,
+    "dim": int,
+    "mask_size": int,
+    "next_id": int,
+    "next_segment": int,
+    "live": int,
+    "segments": list,
+    "meta": dict,
+}
 
 
 def read_manifest(directory: Path) -> dict:
@@ -35,8 +45,9 @@ def read_manifest(directory: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise StoreError(f"{directory} is not a csearch index (no {MANIFEST}); build one with "
-                         f"`csearch index`") from None
+        raise StoreError(
+            f"{directory} is not a csearch index (no {MANIFEST}); build one with `csearch index`"
+        ) from None
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -47,13 +58,18 @@ def read_manifest(directory: Path) -> dict:
         if not isinstance(manifest.get(key), kind):
             raise StoreError(f"index {directory}: {MANIFEST} lacks a valid {key!r}")
     if manifest["version"] > VERSION:
-        raise StoreError(f"index {directory} has format version {manifest['version']}; this csearch "
-                         f"reads up to {VERSION}, upgrade csearch")
+        raise StoreError(
+            f"index {directory} has format version {manifest['version']}; this csearch "
+            f"reads up to {VERSION}, upgrade csearch"
+        )
     return manifest
 
 
 def write_manifest(directory: Path, manifest: dict, unsynced: Sequence[Path] = ()) -> None:
     """Commit: make the new manifest, the folder's new entries (renamed segments) and the
     `unsynced` files durable, then atomically replace the manifest and make that durable."""
-    write_bytes_atomic(directory / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False).encode(),
-                       also_sync=[directory, *unsynced])
+    write_bytes_atomic(
+        directory / MANIFEST,
+        json.dumps(manifest, indent=1, ensure_ascii=False).encode(),
+        also_sync=[directory, *unsynced],
+    )

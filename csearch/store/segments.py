@@ -17,10 +17,11 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -70,21 +71,25 @@ def segment_name(number: int) -> str:
 
 def segment_number(name: str) -> Optional[int]:
     """The number in a segment folder's name, None for any other name."""
-    digits = name[len(SEGMENT_PREFIX):]
+    digits = name[len(SEGMENT_PREFIX) :]
     return int(digits) if name.startswith(SEGMENT_PREFIX) and digits.isdigit() else None
 
 
 def _column_shapes(rows: int, dim: int, mask_nbytes: int) -> dict:
     """{column: (shape, dtype)} of a segment's .npy files."""
-    return {"ids": ((rows,), np.int64), "vectors": ((rows, dim), np.float32),
-            "sq_norms": ((rows,), np.float32), "masks": ((rows, mask_nbytes), np.uint8),
-            "boxes": ((rows, 4), np.float32)}
+    return {
+        "ids": ((rows,), np.int64),
+        "vectors": ((rows, dim), np.float32),
+        "sq_norms": ((rows,), np.float32),
+        "masks": ((rows, mask_nbytes), np.uint8),
+        "boxes": ((rows, 4), np.float32),
+    }
 
 
 def _stream(array: np.ndarray, live: Optional[np.ndarray]) -> Iterator[np.ndarray]:
     for start in range(0, len(array), COPY_ROWS):
-        chunk = array[start:start + COPY_ROWS]
-        yield chunk if live is None else chunk[live[start:start + COPY_ROWS]]
+        chunk = array[start : start + COPY_ROWS]
+        yield chunk if live is None else chunk[live[start : start + COPY_ROWS]]
 
 
 def select(values: Sequence, live: Optional[np.ndarray]) -> list:
@@ -125,8 +130,10 @@ def load_segment(directory: Path, entry: dict, dim: int, mask_nbytes: int) -> Se
         except (ValueError, EOFError, OSError) as exc:
             raise StoreError(f"index {directory}: {entry['name']}/{column}.npy is corrupt ({exc})") from None
         if array.shape != shape or array.dtype != dtype:
-            raise StoreError(f"index {directory}: {entry['name']}/{column}.npy is {array.dtype} "
-                             f"{array.shape}, expected {np.dtype(dtype)} {shape}")
+            raise StoreError(
+                f"index {directory}: {entry['name']}/{column}.npy is {array.dtype} "
+                f"{array.shape}, expected {np.dtype(dtype)} {shape}"
+            )
         arrays[column] = np.asarray(array)  # a plain ndarray view, so results are not np.memmap
     try:
         items = json.loads((folder / "items.json").read_text(encoding="utf-8"))
@@ -138,6 +145,7 @@ def load_segment(directory: Path, entry: dict, dim: int, mask_nbytes: int) -> Se
 
 
 # ------------------------------------------------------------------------------------- merging
+
 
 def _tier(rows: int) -> int:
     return int(math.log(max(rows, 1), MERGE_FACTOR) + 1e-9)
@@ -151,7 +159,7 @@ def _run_start(rows: Sequence[int]) -> int:
             run += 1
         # count only this tier's segments: smaller ones in the run must not make a big segment
         # be rewritten every few adds
-        if tiers[len(tiers) - run:].count(level) >= MERGE_FACTOR:
+        if tiers[len(tiers) - run :].count(level) >= MERGE_FACTOR:
             return len(rows) - run
     return len(rows)
 
@@ -172,6 +180,7 @@ def merge_start(rows: Sequence[int]) -> int:
 
 
 # ---------------------------------------------------------------------------------- validation
+
 
 def _as_strings(values, n: int, name: str, optional: bool) -> list:
     if values is None and optional:
@@ -198,17 +207,29 @@ def validate_add(vectors, masks, boxes, paths, categories, products, dim: int, s
         raise StoreError("vectors contain NaN or infinity")
     masks = np.asarray(masks)
     if masks.dtype != bool or masks.shape != (n, size, size):
-        raise StoreError(f"masks must be bool ({n}, {size}, {size}) (see masks.resize_mask), "
-                         f"got {masks.dtype} {masks.shape}")
+        raise StoreError(
+            f"masks must be bool ({n}, {size}, {size}) (see masks.resize_mask), got {masks.dtype} {masks.shape}"
+        )
     boxes = np.asarray(boxes)
     if boxes.shape != (n, 4) or not np.issubdtype(boxes.dtype, np.floating):
         raise StoreError(f"boxes must be float ({n}, 4) (x0, y0, x1, y1) / (W, H), got {boxes.dtype} {boxes.shape}")
-    if not (np.isfinite(boxes).all() and (boxes >= 0).all() and (boxes <= 1).all()
-            and (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()):
+    if not (
+        np.isfinite(boxes).all()
+        and (boxes >= 0).all()
+        and (boxes <= 1).all()
+        and (boxes[:, 2] >= boxes[:, 0]).all()
+        and (boxes[:, 3] >= boxes[:, 1]).all()
+    ):
         raise StoreError("boxes must be normalised (0 <= x0 <= x1 <= 1, 0 <= y0 <= y1 <= 1)")
     paths = [os.path.abspath(p) for p in _as_strings(paths, n, "paths", optional=False)]
     vectors = np.ascontiguousarray(vectors)
-    return Segment(ids=np.zeros(n, np.int64), vectors=vectors, sq_norms=squared_norms(vectors),
-                   masks=pack_masks(masks), boxes=boxes.astype(np.float32), paths=paths,
-                   categories=_as_strings(categories, n, "categories", optional=True),
-                   products=_as_strings(products, n, "products", optional=True))
+    return Segment(
+        ids=np.zeros(n, np.int64),
+        vectors=vectors,
+        sq_norms=squared_norms(vectors),
+        masks=pack_masks(masks),
+        boxes=boxes.astype(np.float32),
+        paths=paths,
+        categories=_as_strings(categories, n, "categories", optional=True),
+        products=_as_strings(products, n, "products", optional=True),
+    )

@@ -7,9 +7,10 @@ delete an old segment while a reader is opening it; the reader then re-reads the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -87,8 +88,9 @@ class Snapshot:
     def _column(self, name: str) -> np.ndarray:
         """A whole column, live rows only: the memory map itself when there is one segment and
         nothing was removed, otherwise a concatenated copy (search uses `blocks` instead)."""
-        parts = [getattr(s, name) if live is None else getattr(s, name)[live]
-                 for s, live in zip(self._segments, self._live)]
+        parts = [
+            getattr(s, name) if live is None else getattr(s, name)[live] for s, live in zip(self._segments, self._live)
+        ]
         if len(parts) == 1:
             return parts[0]
         if parts:
@@ -172,8 +174,15 @@ class Snapshot:
         for row, i, item_id, box in zip(rows, which, ids, boxes):
             segment, live = self._segments[i], self._live_rows[i]
             local = row - self._offsets[i] if live is None else live[row - self._offsets[i]]
-            records.append({"id": int(item_id), "path": segment.paths[local], "category": segment.categories[local],
-                            "product": segment.products[local], "box": [float(v) for v in box]})
+            records.append(
+                {
+                    "id": int(item_id),
+                    "path": segment.paths[local],
+                    "category": segment.categories[local],
+                    "product": segment.products[local],
+                    "box": [float(v) for v in box],
+                }
+            )
         return records
 
     def item(self, item_id: int) -> dict:
@@ -196,22 +205,27 @@ class Snapshot:
 def load_snapshot(directory: Path, reuse: Optional[Snapshot] = None) -> Snapshot:
     """Read the manifest and map what it lists. Segments are immutable, so those `reuse` (an
     earlier snapshot of the same index) already mapped are taken from it, not mapped again."""
-    cache = {} if reuse is None else {(reuse.manifest["uuid"], e["name"]): s
-                                      for e, s in zip(reuse.manifest["segments"], reuse._segments)}
+    cache = (
+        {}
+        if reuse is None
+        else {(reuse.manifest["uuid"], e["name"]): s for e, s in zip(reuse.manifest["segments"], reuse._segments)}
+    )
     previous = None
     for _ in range(LOAD_RETRIES):
         manifest = read_manifest(directory)
         nbytes = mask_bytes(manifest["mask_size"])
         try:
-            segments = [cache[(manifest["uuid"], e["name"])] if (manifest["uuid"], e["name"]) in cache
-                        else load_segment(directory, e, manifest["dim"], nbytes) for e in manifest["segments"]]
+            segments = [
+                cache[(manifest["uuid"], e["name"])]
+                if (manifest["uuid"], e["name"]) in cache
+                else load_segment(directory, e, manifest["dim"], nbytes)
+                for e in manifest["segments"]
+            ]
             tomb = manifest.get("tombstones")
-            tombstones = (np.load(directory / tomb["file"], allow_pickle=False) if tomb
-                          else np.zeros(0, np.int64))
+            tombstones = np.load(directory / tomb["file"], allow_pickle=False) if tomb else np.zeros(0, np.int64)
         except FileNotFoundError as exc:
             if previous == (manifest["uuid"], manifest["generation"]):
-                raise StoreError(f"index {directory} is incomplete: {Path(exc.filename).name} is "
-                                 f"missing") from None
+                raise StoreError(f"index {directory} is incomplete: {Path(exc.filename).name} is missing") from None
             previous = (manifest["uuid"], manifest["generation"])
             continue  # a writer committed and collected the files meanwhile: read its manifest
         return Snapshot(directory, manifest, segments, tombstones)

@@ -18,5 +18,17 @@ from .config import TrainConfig, load_train_config, validate
 from .data import PreparedData, Split, load_images, prepare_data, stratified_split
 from .history import read_history
 
-__all__ = ["PreparedData", "Split", "TrainConfig", "build_parser", "load_images", "load_train_config", "main",
-           "prepare_data", "read_history", "stratified_split", "train_classifier", "validate"]
+__all__ = [
+    "PreparedData",
+    "Split",
+    "TrainConfig",
+    "build_parser",
+    "load_images",
+    "load_train_config",
+    "main",
+    "prepare_data",
+    "read_history",
+    "stratified_split",
+    "train_classifier",
+    "validate",
+]

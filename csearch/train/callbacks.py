@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
@@ -45,10 +45,12 @@ class EpochLog(EpochTimer):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         nan = float("nan")
-        self.say(f"[{self.stage}] epoch {epoch + 1}/{self.epochs} "
-                 f"loss {logs.get('loss', nan):.4f} acc {logs.get('accuracy', nan):.4f} "
-                 f"val_loss {logs.get('val_loss', nan):.4f} val_acc {logs.get('val_accuracy', nan):.4f} "
-                 f"lr {learning_rate(self.model):.2e} ({self.seconds():.1f}s)")
+        self.say(
+            f"[{self.stage}] epoch {epoch + 1}/{self.epochs} "
+            f"loss {logs.get('loss', nan):.4f} acc {logs.get('accuracy', nan):.4f} "
+            f"val_loss {logs.get('val_loss', nan):.4f} val_acc {logs.get('val_accuracy', nan):.4f} "
+            f"lr {learning_rate(self.model):.2e} ({self.seconds():.1f}s)"
+        )
 
 
 class HistoryCSV(EpochTimer):
@@ -60,9 +62,16 @@ class HistoryCSV(EpochTimer):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
-        record_epoch(self.path, {"stage": self.stage, "epoch": epoch + 1,
-                                 **{k: logs.get(k) for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
-                                 "learning_rate": learning_rate(self.model), "seconds": round(self.seconds(), 3)})
+        record_epoch(
+            self.path,
+            {
+                "stage": self.stage,
+                "epoch": epoch + 1,
+                **{k: logs.get(k) for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
+                "learning_rate": learning_rate(self.model),
+                "seconds": round(self.seconds(), 3),
+            },
+        )
 
 
 def _best(value) -> float | None:
@@ -95,8 +104,9 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             tmp = self.weights_path.with_name("tmp-" + self.weights_path.name)
             np.savez(tmp, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
             os.replace(tmp, self.weights_path)
-        self.state_path.write_text(json.dumps({"wait": self.wait, "best": _best(self.best),
-                                               "best_epoch": self.best_epoch}))
+        self.state_path.write_text(
+            json.dumps({"wait": self.wait, "best": _best(self.best), "best_epoch": self.best_epoch})
+        )
 
 
 class ResumableReduceLR(keras.callbacks.ReduceLROnPlateau):
@@ -117,19 +127,22 @@ class ResumableReduceLR(keras.callbacks.ReduceLROnPlateau):
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.state_path.write_text(json.dumps({"wait": self.wait, "best": _best(self.best),
-                                               "cooldown": self.cooldown_counter}))
+        self.state_path.write_text(
+            json.dumps({"wait": self.wait, "best": _best(self.best), "cooldown": self.cooldown_counter})
+        )
 
 
 def compile_for_training(model, config: TrainConfig) -> None:
     """SGD with Nesterov momentum on sparse categorical cross-entropy (the paper's setup)."""
-    optimizer = keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum,
-                                     nesterov=config.nesterov)
+    optimizer = keras.optimizers.SGD(
+        learning_rate=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov
+    )
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
-def fit_stage(model, stage: str, train_data, val_data, epochs: int, config: TrainConfig,
-              run_dir: Path, say: Callable[[str], None]) -> None:
+def fit_stage(
+    model, stage: str, train_data, val_data, epochs: int, config: TrainConfig, run_dir: Path, say: Callable[[str], None]
+) -> None:
     """Fit `model` for one stage with the paper's callbacks; resumable via RUN_DIR/backup."""
     backup = run_dir / "backup" / stage
     compile_for_training(model, config)
@@ -137,10 +150,12 @@ def fit_stage(model, stage: str, train_data, val_data, epochs: int, config: Trai
     callbacks = [
         EpochLog(say, stage, epochs),
         HistoryCSV(run_dir / "history.csv", stage),
-        ResumableReduceLR(backup, monitor=config.monitor, mode=mode, factor=config.lr_factor,
-                          patience=config.lr_patience),
-        ResumableEarlyStopping(backup, monitor=config.monitor, mode=mode, patience=config.patience,
-                               restore_best_weights=True),
+        ResumableReduceLR(
+            backup, monitor=config.monitor, mode=mode, factor=config.lr_factor, patience=config.lr_patience
+        ),
+        ResumableEarlyStopping(
+            backup, monitor=config.monitor, mode=mode, patience=config.patience, restore_best_weights=True
+        ),
         # Last, so that its epoch counter (the commit point) is written after the others.
         keras.callbacks.BackupAndRestore(str(backup)),
     ]

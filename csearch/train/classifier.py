@@ -25,8 +25,9 @@ import logging
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import yaml
@@ -42,15 +43,18 @@ log = logging.getLogger("csearch.train")
 Stage = tuple[str, Optional[int], int]  # (name, unfreeze, epochs)
 
 
-def resolved_run_config(config: TrainConfig, data: str, command: Optional[str],
-                        weights_path: Optional[Path]) -> dict:
+def resolved_run_config(config: TrainConfig, data: str, command: Optional[str], weights_path: Optional[Path]) -> dict:
     """What RUN_DIR/config.yaml records: the resolved settings plus what else fixes the result."""
     from ..models import file_sha256
 
-    return {"train": config.to_dict(), "data": str(Path(data).expanduser().resolve()), "command": command,
-            "csearch_version": __version__,
-            "weights_file": None if weights_path is None else str(weights_path),
-            "weights_sha256": None if weights_path is None else file_sha256(weights_path)}
+    return {
+        "train": config.to_dict(),
+        "data": str(Path(data).expanduser().resolve()),
+        "command": command,
+        "csearch_version": __version__,
+        "weights_file": None if weights_path is None else str(weights_path),
+        "weights_sha256": None if weights_path is None else file_sha256(weights_path),
+    }
 
 
 def check_run_dir(run_dir: Path, resolved: dict) -> Optional[dict]:
@@ -61,14 +65,19 @@ def check_run_dir(run_dir: Path, resolved: dict) -> Optional[dict]:
         return None
     saved = yaml.safe_load(config_path.read_text()) or {}
     previous, current = saved.get("train", {}), resolved["train"]
-    changed = [(k, previous.get(k), current.get(k)) for k in sorted(set(previous) | set(current))
-               if previous.get(k) != current.get(k)]
-    changed += [(k, saved.get(k), resolved.get(k)) for k in ("data", "weights_sha256")
-                if saved.get(k) != resolved.get(k)]
+    changed = [
+        (k, previous.get(k), current.get(k))
+        for k in sorted(set(previous) | set(current))
+        if previous.get(k) != current.get(k)
+    ]
+    changed += [
+        (k, saved.get(k), resolved.get(k)) for k in ("data", "weights_sha256") if saved.get(k) != resolved.get(k)
+    ]
     if changed:
         key, old, new = changed[0]
-        raise errors.ConfigError(f"{run_dir} holds a run with another config ({key}: {old!r} -> {new!r}); "
-                                 f"use a new --out or delete it")
+        raise errors.ConfigError(
+            f"{run_dir} holds a run with another config ({key}: {old!r} -> {new!r}); use a new --out or delete it"
+        )
     summary = run_dir / "summary.json"
     return json.loads(summary.read_text()) if summary.is_file() else None
 
@@ -85,8 +94,13 @@ def _count_weights(weights) -> int:
     return sum(int(np.prod(w.shape)) for w in weights)
 
 
-def train_classifier(config: TrainConfig, data: str, out: str | Path,
-                     say: Callable[[str], None] = log.info, command: Optional[str] = None) -> dict:
+def train_classifier(
+    config: TrainConfig,
+    data: str,
+    out: str | Path,
+    say: Callable[[str], None] = log.info,
+    command: Optional[str] = None,
+) -> dict:
     """Train and write RUN_DIR (model.keras, classes.json, history.csv, config.yaml,
     summary.json). Returns the summary."""
     started = time.perf_counter()
@@ -118,9 +132,17 @@ def train_classifier(config: TrainConfig, data: str, out: str | Path,
     say(f"{len(class_names)} classes; {len(train.labels)} training and {len(val.labels)} validation images")
 
     unfreeze = config.effective_unfreeze()
-    model = build_classifier(config.backbone, len(class_names), weights_path, config.image_size,
-                             unfreeze, rotation=config.rotation, zoom=config.zoom, flip=config.flip,
-                             seed=config.seed)
+    model = build_classifier(
+        config.backbone,
+        len(class_names),
+        weights_path,
+        config.image_size,
+        unfreeze,
+        rotation=config.rotation,
+        zoom=config.zoom,
+        flip=config.flip,
+        seed=config.seed,
+    )
     plan = plan_cut(model, config, unfreeze, len(train.labels) + len(val.labels), say)
     cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else run_dir / "cache"
     feature_seconds = 0.0
@@ -129,8 +151,9 @@ def train_classifier(config: TrainConfig, data: str, out: str | Path,
     else:
         bottom, top = plan
         t0 = time.perf_counter()
-        train_data, val_data, cut_shape = cached_batches(bottom, train, val, config, cache_dir,
-                                                         resolved["weights_sha256"], say)
+        train_data, val_data, cut_shape = cached_batches(
+            bottom, train, val, config, cache_dir, resolved["weights_sha256"], say
+        )
         feature_seconds = time.perf_counter() - t0
         fitted = trainable_part(model, top, cut_shape)
         mode = "features" if top is None else f"cached activations {tuple(cut_shape)}"
@@ -143,8 +166,10 @@ def train_classifier(config: TrainConfig, data: str, out: str | Path,
             model.load_weights(done)
             say(f"[{stage}] finished before; weights restored")
             continue
-        say(f"[{stage}] training {_count_weights(fitted.trainable_weights):,} parameters for up to "
-            f"{epochs} epochs ({mode})")
+        say(
+            f"[{stage}] training {_count_weights(fitted.trainable_weights):,} parameters for up to "
+            f"{epochs} epochs ({mode})"
+        )
         fit_stage(fitted, stage, train_data, val_data, epochs, config, run_dir, say)
         model.save_weights(done)
     set_trainable(model, unfreeze)
@@ -153,18 +178,26 @@ def train_classifier(config: TrainConfig, data: str, out: str | Path,
     model.save(run_dir / "model.keras")
     history = read_history(run_dir / "history.csv")
     summary = {
-        "backbone": config.backbone, "weights": config.weights, "image_size": config.image_size,
-        "color": config.color, "mode": mode, "unfreeze": unfreeze,
-        "val_accuracy": val_accuracy, "val_loss": val_loss, "val_source": config.val or
-        f"stratified {config.val_fraction:.0%} of --data (seed {config.seed})",
-        "n_classes": len(class_names), "n_train": int(len(train.labels)), "n_val": int(len(val.labels)),
+        "backbone": config.backbone,
+        "weights": config.weights,
+        "image_size": config.image_size,
+        "color": config.color,
+        "mode": mode,
+        "unfreeze": unfreeze,
+        "val_accuracy": val_accuracy,
+        "val_loss": val_loss,
+        "val_source": config.val or f"stratified {config.val_fraction:.0%} of --data (seed {config.seed})",
+        "n_classes": len(class_names),
+        "n_train": int(len(train.labels)),
+        "n_val": int(len(val.labels)),
         "epochs_run": {s: sum(1 for r in history if r["stage"] == s) for s, _, _ in run_stages},
         "params": int(model.count_params()),
         "trainable_params": _count_weights(model.trainable_weights),
         "train_seconds": round(time.perf_counter() - started, 1),
         "feature_seconds": round(feature_seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "skipped": [{"path": p, "reason": r} for p, r in prepared.skipped], "n_skipped": len(prepared.skipped),
+        "skipped": [{"path": p, "reason": r} for p, r in prepared.skipped],
+        "n_skipped": len(prepared.skipped),
         "notes": prepared.notes,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

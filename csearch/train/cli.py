@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from ..console import parse_sets, quiet_frameworks, run_command
 from .classifier import log, train_classifier
@@ -38,16 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--unfreeze", type=int, metavar="N", help="also train the top N backbone layers (-1: all)")
     p.add_argument("--val", metavar="SPEC", help="validation catalogue (default: stratified split of --data)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="any other train setting, e.g. --set copies=2 (see TrainConfig)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="any other train setting, e.g. --set copies=2 (see TrainConfig)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
-    overrides = {**parse_sets(args.set), "backbone": args.backbone, "weights": args.weights,
-                 "epochs": args.epochs, "batch_size": args.batch_size, "image_size": args.image_size,
-                 "color": args.color, "val": args.val, "seed": args.seed}
+    overrides = {
+        **parse_sets(args.set),
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "color": args.color,
+        "val": args.val,
+        "seed": args.seed,
+    }
     if args.freeze_backbone:
         overrides["freeze_backbone"] = True
     if args.unfreeze is not None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 from .. import errors
 from ..config import Color, _Section, bounded, read_yaml_mapping, update_section
@@ -73,8 +74,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, image_size=int(size))
 
 
-def load_train_config(path: Optional[str | Path] = None,
-                      overrides: Optional[Mapping[str, Any]] = None) -> TrainConfig:
+def load_train_config(path: Optional[str | Path] = None, overrides: Optional[Mapping[str, Any]] = None) -> TrainConfig:
     """Defaults, then a YAML file (flat, or under a `train:` section), then overrides (None
     values ignored). An unknown key is an error naming the closest valid keys."""
     config = TrainConfig()

@@ -5,7 +5,8 @@ This module imports Keras: the trainer imports it only when it trains.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import keras
 import numpy as np
@@ -33,7 +34,7 @@ def find_cut(model, unfreeze: Optional[int]):
     network = backbone_network(model)
     layers = [layer for layer in network.layers if layer.__class__.__name__ != "InputLayer"]
     first = next((i for i, layer in enumerate(layers) if layer.trainable), len(layers))
-    for candidate in reversed(layers[max(0, first - MAX_CUT_DEPTH):first]):
+    for candidate in reversed(layers[max(0, first - MAX_CUT_DEPTH) : first]):
         try:
             top = keras.Model(candidate.output, network.output, name="backbone_top")
         except ValueError:  # "not connected": a skip connection bypasses this tensor
@@ -51,15 +52,19 @@ def plan_cut(model, config: TrainConfig, unfreeze: Optional[int], n_images: int,
         return None
     plan = find_cut(model, unfreeze)
     if plan is None:
-        say("the whole backbone trains, or no single tensor separates its frozen bottom from the "
-            "trained top: training on images")
+        say(
+            "the whole backbone trains, or no single tensor separates its frozen bottom from the "
+            "trained top: training on images"
+        )
         return None
     bottom, _ = plan
     per_image = int(np.prod(bottom.output_shape[1:])) * 2  # float16
     size_gb = per_image * n_images * (config.copies + 1) / 1e9
     if size_gb > config.max_cache_gb:
-        say(f"the activation cache would take {size_gb:.1f} GB (> max_cache_gb {config.max_cache_gb}); "
-            f"training on images")
+        say(
+            f"the activation cache would take {size_gb:.1f} GB (> max_cache_gb {config.max_cache_gb}); "
+            f"training on images"
+        )
         return None
     return plan
 

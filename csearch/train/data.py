@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -43,8 +43,9 @@ def labelled(catalogue: Catalogue, role: str, say: Say) -> list[Record]:
     if len(records) < len(catalogue.records):
         say(f"{role}: {len(catalogue.records) - len(records)} unlabelled images ignored")
     if not records:
-        raise errors.CatalogueError(f"{role} catalogue {catalogue.spec} has no labelled images "
-                                    f"(a category is needed to train a classifier)")
+        raise errors.CatalogueError(
+            f"{role} catalogue {catalogue.spec} has no labelled images (a category is needed to train a classifier)"
+        )
     return records
 
 
@@ -77,8 +78,9 @@ def _load_one(path: str, size: int, color: str):
         return None, str(exc)
 
 
-def load_images(paths: Sequence[str], size: int, color: str, workers: int,
-                say: Say) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+def load_images(
+    paths: Sequence[str], size: int, color: str, workers: int, say: Say
+) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Decode and resize in a thread pool (OpenCV and PIL release the GIL). Returns the images
     that loaded, their indices into `paths`, and the (path, reason) of those that did not."""
     images, kept, skipped = [], [], []
@@ -92,8 +94,10 @@ def load_images(paths: Sequence[str], size: int, color: str, workers: int,
                 kept.append(index)
             if (index + 1) % 1000 == 0:
                 say(f"  decoded {index + 1}/{len(paths)} images")
-    say(f"decoded {len(kept)} images in {time.perf_counter() - started:.1f}s"
-        + (f"; {len(skipped)} unreadable, skipped" if skipped else ""))
+    say(
+        f"decoded {len(kept)} images in {time.perf_counter() - started:.1f}s"
+        + (f"; {len(skipped)} unreadable, skipped" if skipped else "")
+    )
     for path, reason in skipped[:20]:
         say(f"  skipped {reason}" if path in reason else f"  skipped {path}: {reason}")
     stack = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
@@ -118,14 +122,16 @@ def prepare_data(config: TrainConfig, catalogue: Catalogue, say: Say) -> Prepare
         say(note)
     class_names = sorted({r.category for r in train_records})
     if len(class_names) < 2:
-        raise errors.CatalogueError(f"catalogue {catalogue.spec} has {len(class_names)} category; "
-                                    f"a classifier needs at least 2")
+        raise errors.CatalogueError(
+            f"catalogue {catalogue.spec} has {len(class_names)} category; a classifier needs at least 2"
+        )
     unknown = sorted({r.category for r in val_records} - set(class_names))
     if unknown:
         raise errors.CatalogueError(f"--val has categories not in --data: {', '.join(unknown[:8])}")
     if not val_records:
-        raise errors.CatalogueError("no validation images: every category has a single image; "
-                                    "add images or pass --val SPEC")
+        raise errors.CatalogueError(
+            "no validation images: every category has a single image; add images or pass --val SPEC"
+        )
     index = {name: i for i, name in enumerate(class_names)}
     splits, skipped = [], []
     for role, subset in (("train", train_records), ("val", val_records)):
