@@ -45,7 +45,7 @@ def real_config(args):
     return load_config(
         overrides={
             "embed.extractor": args.extractor,
-            "localize.backend": "u2net",
+            "localize.method": "u2net",
             "localize.matting": args.matting,
             "embed.views": args.views,
         }

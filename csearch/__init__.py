@@ -6,4 +6,4 @@ object mask per catalogue image) and online query (localize, classify, restricte
 mask-IoU re-ranking).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

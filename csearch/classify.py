@@ -24,6 +24,7 @@ ONNX_FILE = "model.onnx"
 CLASSES_FILE = "classes.json"
 CONFIG_FILE = "config.yaml"
 EXPORT_FILE = "export.json"
+RUNTIMES = ("auto", "keras", "onnx")  # what runs a trained classifier
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -69,21 +70,22 @@ class Classifier:
         return [self.model_file.resolve(), (self.run_dir / CLASSES_FILE).resolve()]
 
     @property
-    def backend(self) -> str:
+    def runtime(self) -> str:
+        """What runs the model: "onnx" (ONNX Runtime) or "keras"."""
         return "onnx" if self.model_file.suffix == ".onnx" else "keras"
 
     @classmethod
-    def load(cls, run_dir, backend: str = "auto") -> Classifier:
-        """backend: "auto" (ONNX when a current export exists), "keras" or "onnx"."""
+    def load(cls, run_dir, runtime: str = "auto") -> Classifier:
+        """runtime: "auto" (ONNX when a current export exists), "keras" or "onnx"."""
         run_dir = Path(run_dir).expanduser()
         if not run_dir.is_dir():
             raise errors.StoreError(f"classifier RUN_DIR not found: {run_dir}")
-        if backend not in ("auto", "keras", "onnx"):
-            raise errors.unknown_name("classifier backend", backend, ["auto", "keras", "onnx"])
+        if runtime not in RUNTIMES:
+            raise errors.unknown_name("classifier runtime", runtime, RUNTIMES)
         config = read_run_config(run_dir)
         class_names = read_class_names(run_dir)
         size, color = int(config["image_size"]), str(config.get("color", "rgb"))
-        use_onnx = backend == "onnx" or (backend == "auto" and _current_export(run_dir))
+        use_onnx = runtime == "onnx" or (runtime == "auto" and _current_export(run_dir))
         if use_onnx:
             path = run_dir / ONNX_FILE
             if not path.is_file():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ import yaml
 
 from .errors import ConfigError, unknown_name
 
+log = logging.getLogger("csearch")
+
 Color = Literal["rgb", "gray"]
 LocalizeMethod = Literal["none", "classical", "u2net"]
 Matting = Literal["none", "pymatting", "fba"]
@@ -32,6 +35,9 @@ Views = Literal["cutout", "cutout+photo"]
 ClassifierInput = Literal["photo", "cutout"]
 Rerank = Literal["none", "iou", "fused", "iou_crop", "fused_crop"]
 KnnEngine = Literal["numpy", "faiss", "auto"]
+
+# old key -> new key: the old one still loads, with a one-line deprecation notice
+RENAMED_KEYS = {"localize.backend": "localize.method"}  # "backend" named four different things
 
 MAX_K = 100  # results per query, as the HTTP API allows
 MAX_RERANK_TOP = 1000
@@ -70,7 +76,7 @@ class PreprocessConfig(_Section):
 
 @dataclass(frozen=True)
 class LocalizeConfig(_Section):
-    backend: LocalizeMethod = "u2net"  # none | classical | u2net
+    method: LocalizeMethod = "u2net"  # none | classical | u2net (was `backend`, still read with a notice)
     model: Optional[str] = None  # U²-Net ONNX file (None: resolve u2netp.onnx, see `csearch models`)
     matting: Matting = "none"  # none | pymatting | fba (pymatting: no retrieval gain measured, +70 ms/image)
     matting_model: Optional[str] = None  # FBA ONNX file, for matting=fba
@@ -213,6 +219,23 @@ def bounds(key: str) -> dict:
     return {name: spec.metadata.get(name) for name in ("ge", "le", "gt", "lt", "multiple_of")}
 
 
+def describe_allowed(key: str) -> str:
+    """What a key accepts, in words, e.g. "`none`, `iou`" or "1 to 100" (docs/config.md shows it)."""
+    section_type, spec = _field(key)
+    base, optional = _base_type(typing.get_type_hints(section_type)[spec.name])
+    if typing.get_origin(base) is Literal:
+        words = ", ".join(f"`{value}`" for value in typing.get_args(base))
+    elif base is bool:
+        words = "true, false"
+    elif spec.metadata:
+        words = _describe_bounds(spec.metadata)
+        if spec.metadata.get("multiple_of"):
+            words += f", a multiple of {spec.metadata['multiple_of']}"
+    else:
+        words = "text"
+    return words + (", null" if optional else "")
+
+
 def default_value(key: str) -> Any:
     section_type, spec = _field(key)
     return getattr(section_type(), spec.name)
@@ -276,8 +299,25 @@ def update_section(section: Any, values: Mapping[str, Any], prefix: str) -> Any:
     return replace(section, **changes)
 
 
-def merge(config: Config, values: Mapping[str, Any]) -> Config:
-    """Apply nested ({"embed": {...}}) or dotted ({"embed.extractor": ...}) values."""
+def _rename_deprecated(sections: dict[str, dict], notify: bool) -> None:
+    """Move values given under a RENAMED_KEYS old name to the new one (a one-line notice)."""
+    for old, new in RENAMED_KEYS.items():
+        old_section, old_key = old.split(".")
+        new_section, new_key = new.split(".")
+        if old_key not in sections.get(old_section, {}):
+            continue
+        value = sections[old_section].pop(old_key)
+        if new_key in sections.get(new_section, {}):
+            raise ConfigError(f"config keys {old!r} (deprecated) and {new!r} are both given; keep only {new!r}")
+        sections.setdefault(new_section, {})[new_key] = value
+        if notify:
+            log.warning("config key %r is deprecated; read as %r (rename it)", old, new)
+
+
+def merge(config: Config, values: Mapping[str, Any], notify_deprecated: bool = True) -> Config:
+    """Apply nested ({"embed": {...}}) or dotted ({"embed.extractor": ...}) values. Keys renamed
+    since (RENAMED_KEYS) are read under their new name, with a one-line notice unless told not to
+    (an index's recorded config is migrated quietly: the user cannot edit it)."""
     sections: dict[str, dict] = {}
     for key, value in values.items():
         if "." in key:
@@ -287,6 +327,7 @@ def merge(config: Config, values: Mapping[str, Any]) -> Config:
             sections.setdefault(key, {}).update(value)
         else:
             raise ConfigError(f"config key {key!r} needs a section, e.g. embed.{key}")
+    _rename_deprecated(sections, notify_deprecated)
     known = {f.name for f in fields(config)}
     changes = {}
     for name, section_values in sections.items():
@@ -324,8 +365,8 @@ def load_config(
     return config
 
 
-def config_from_dict(data: Mapping[str, Any]) -> Config:
-    return merge(Config(), data)
+def config_from_dict(data: Mapping[str, Any], notify_deprecated: bool = True) -> Config:
+    return merge(Config(), data, notify_deprecated)
 
 
 def save_config(config: Config, path: str | Path, extra: Optional[Mapping[str, Any]] = None) -> None:
@@ -334,6 +375,3 @@ def save_config(config: Config, path: str | Path, extra: Optional[Mapping[str, A
     if extra:
         data = {**extra, **data}
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-_update_section = update_section  # the trainer's name until its split lands

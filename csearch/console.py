@@ -97,7 +97,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         help="extractor weights file, or 'imagenet' (looked up in $CSEARCH_HOME, then Keras' cache, then downloaded)",
     )
     group.add_argument(
-        "--localizer", choices=allowed_values("localize.backend"), help="object localization backend (default u2net)"
+        "--localizer", choices=allowed_values("localize.method"), help="object localization backend (default u2net)"
     )
     group.add_argument(
         "--localizer-model", metavar="PATH", help="U²-Net / U²-Net-p ONNX file (default: u2netp.onnx in $CSEARCH_HOME)"
@@ -131,7 +131,7 @@ def config_from_args(args: argparse.Namespace):
         "embed.extractor": getattr(args, "extractor", None),
         "embed.weights": getattr(args, "extractor_weights", None),
         "embed.batch_size": getattr(args, "batch_size", None),
-        "localize.backend": getattr(args, "localizer", None),
+        "localize.method": getattr(args, "localizer", None),
         "localize.model": getattr(args, "localizer_model", None),
         "localize.matting": getattr(args, "matting", None),
         "localize.matting_model": getattr(args, "matting_model", None),

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from .classify import RUNTIMES
 from .console import add_model_flags, config_from_args, progress_bar, quiet_frameworks, run_command
 
 log = logging.getLogger("csearch.evaluate")
@@ -65,7 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, metavar="SPEC", help="labelled catalogue to report on")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--backend", default="auto", choices=("auto", "keras", "onnx"))
+    p.add_argument(
+        "--runtime",
+        "--backend",  # its name before 0.2, kept so existing commands keep working
+        dest="runtime",
+        default="auto",
+        choices=RUNTIMES,
+        help="what runs the model: auto (ONNX when a current export exists), keras or onnx",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print classification.json(s) on stdout")
     p.set_defaults(func=run_classifier, on_interrupt="nothing was written that a rerun would not redo")
@@ -153,7 +161,7 @@ def retrieval_config(args: argparse.Namespace):
 def run_classifier(args: argparse.Namespace) -> int:
     from .evaluation.classifier import evaluate_classifiers
 
-    results = evaluate_classifiers(args.model, args.data, args.out, args.backend, args.batch_size)
+    results = evaluate_classifiers(args.model, args.data, args.out, args.runtime, args.batch_size)
     for result in results:
         log.info(
             "%s: top-1 accuracy %.4f, average accuracy %.4f on %d images -> %s",

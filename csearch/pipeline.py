@@ -104,7 +104,7 @@ class Prepared:
 def photo_view(config: Config) -> bool:
     """Whether every image is also embedded whole, next to its cut-out (embed.views). Without
     localization the cut-out is the photo, so there is one view."""
-    return config.embed.views == "cutout+photo" and config.localize.backend != "none"
+    return config.embed.views == "cutout+photo" and config.localize.method != "none"
 
 
 def vector_dim(config: Config, extractor) -> int:
@@ -225,7 +225,7 @@ def index_meta(config: Config, models: Models) -> dict:
         "models": describe_files(models.files()),
         "extractor": {"name": config.embed.extractor, "dim": vector_dim(config, models.extractor)},
         "classifier": None if models.classifier is None else str(Path(config.classify.classifier).resolve()),
-        "localizer": getattr(models.localizer, "name", config.localize.backend),
+        "localizer": getattr(models.localizer, "name", config.localize.method),
         "complete": False,
     }
 
@@ -454,7 +454,7 @@ def index_config(meta: dict) -> Config:
     for section, values in LEGACY_DEFAULTS.items():
         for key, value in values.items():
             data.setdefault(section, {}).setdefault(key, value)
-    return config_from_dict(data)
+    return config_from_dict(data, notify_deprecated=False)
 
 
 def searched_categories(
@@ -486,7 +486,7 @@ def resolve_config(config: Config) -> Config:
                 f"needs fixed weights: pass 'imagenet' or a weights file"
             )
         embed = replace(embed, weights=str(Path(weights).resolve()))
-    if localize.backend == "u2net" and not localize.model:
+    if localize.method == "u2net" and not localize.model:
         localize = replace(localize, model=str(resolve_weights("u2netp", "imagenet")))
     if localize.matting == "fba" and not localize.matting_model:
         localize = replace(localize, matting_model=str(resolve_weights("fba", "imagenet")))

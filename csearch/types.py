@@ -25,14 +25,14 @@ class Record:
 class Localization:
     """What a localizer found in one image, at the image's own resolution.
 
-    `backend` names what actually produced it (e.g. "u2net+pymatting", "classical"), so a
+    `produced_by` names what actually produced it (e.g. "u2net+pymatting", "classical"), so a
     fallback is never silent. `box` is (x0, y0, x1, y1) in pixels, exclusive end, of the mask.
     """
 
     alpha: np.ndarray  # float32 (H, W) in [0, 1]
     mask: np.ndarray  # bool (H, W)
     cutout: np.ndarray  # uint8 (H, W, 3): the object composited onto white
-    backend: str
+    produced_by: str
     box: tuple[int, int, int, int]
 
 

@@ -149,7 +149,7 @@ def tiny_config(tiny_extractor):
     return load_config(
         overrides={
             "embed.extractor": str(tiny_extractor),
-            "localize.backend": "classical",
+            "localize.method": "classical",
             "localize.matting": "none",
             "preprocess.image_size": 32,
             "embed.batch_size": 4,

@@ -119,7 +119,7 @@ def run_dir(model, tmp_path_factory):
 def test_classifier_load_and_predict(run_dir, model):
     clf = classify.Classifier.load(run_dir)
     assert clf.class_names == ["bottle", "jar", "tube"] and clf.image_size == SIZE and clf.color == "rgb"
-    assert clf.backend == "keras"
+    assert clf.runtime == "keras"
     assert [p.name for p in clf.files] == ["model.keras", "classes.json"] and all(p.is_absolute() for p in clf.files)
     images = np.random.default_rng(1).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
     probs = clf.predict(images, batch_size=2)
@@ -163,7 +163,7 @@ def test_class_mismatches_are_clear_errors(run_dir, model, tmp_path):
     with pytest.raises(StoreError):
         classify.Classifier.load(tmp_path / "missing")
     with pytest.raises(StoreError, match="no model.onnx"):
-        classify.Classifier.load(run_dir, backend="onnx")
+        classify.Classifier.load(run_dir, runtime="onnx")
 
 
 def test_export_classifier_to_onnx(model, tmp_path):
@@ -173,7 +173,7 @@ def test_export_classifier_to_onnx(model, tmp_path):
     path, diff = classify.export_classifier(run)
     assert path == run / "model.onnx" and path.is_file() and diff < 1e-4
     clf = classify.Classifier.load(run)  # auto: the export is current, so ONNX runs
-    assert clf.backend == "onnx" and clf.files[0].name == "model.onnx"
+    assert clf.runtime == "onnx" and clf.files[0].name == "model.onnx"
     images = np.random.default_rng(3).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
     np.testing.assert_allclose(clf.predict(images), classify.Classifier.load(run, "keras").predict(images), atol=1e-4)
     model.save(run / "model.keras")  # a "retrained" model makes the export stale
@@ -181,4 +181,4 @@ def test_export_classifier_to_onnx(model, tmp_path):
     meta = json.loads((run / "export.json").read_text())
     meta["source_sha256"] = "0" * 64
     (run / "export.json").write_text(json.dumps(meta))
-    assert classify.Classifier.load(run).backend == "keras"
+    assert classify.Classifier.load(run).runtime == "keras"

@@ -45,7 +45,7 @@ def check_localization(loc, image: np.ndarray) -> None:
     assert loc.alpha.min() >= 0.0 and loc.alpha.max() <= 1.0
     assert loc.mask.dtype == bool and loc.mask.shape == (height, width) and loc.mask.any()
     assert loc.cutout.dtype == np.uint8 and loc.cutout.shape == image.shape
-    assert isinstance(loc.backend, str) and loc.backend
+    assert isinstance(loc.produced_by, str) and loc.produced_by
     x0, y0, x1, y1 = loc.box
     assert all(isinstance(v, int) for v in loc.box)
     assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
@@ -83,7 +83,7 @@ def test_localization_from_alpha_fields():
     image, mask = draw_object((40, 50))
     loc = localization_from_alpha(image, mask.astype(np.float32), 0.5, "test")
     check_localization(loc, image)
-    assert loc.backend == "test" and np.array_equal(loc.mask, mask)
+    assert loc.produced_by == "test" and np.array_equal(loc.mask, mask)
     assert (loc.cutout[~mask] == 255).all() and np.array_equal(loc.cutout[mask], image[mask])
 
 
@@ -91,7 +91,7 @@ def test_localization_from_alpha_empty_is_explicit_full_image():
     image, _ = draw_object((40, 50))
     loc = localization_from_alpha(image, np.zeros((40, 50), np.float32), 0.5, "u2net")
     check_localization(loc, image)
-    assert loc.backend == "u2net(empty->full)"
+    assert loc.produced_by == "u2net(empty->full)"
     assert loc.mask.all() and (loc.alpha == 1).all() and np.array_equal(loc.cutout, image)
     assert loc.box == (0, 0, 50, 40)
 
@@ -116,12 +116,12 @@ def test_localization_from_alpha_rejects_wrong_shape():
 
 def test_none_backend_is_whole_image():
     image, _ = draw_object((40, 50))
-    localizer = make_localizer(LocalizeConfig(backend="none"))
+    localizer = make_localizer(LocalizeConfig(method="none"))
     assert isinstance(localizer, NoLocalizer) and isinstance(localizer, Localizer)
     assert localizer.files == [] and localizer.name == "none"
     loc = localizer(image)
     check_localization(loc, image)
-    assert loc.backend == "none" and loc.mask.all() and np.array_equal(loc.cutout, image)
+    assert loc.produced_by == "none" and loc.mask.all() and np.array_equal(loc.cutout, image)
 
 
 def test_localizer_validates_its_input():
@@ -147,9 +147,9 @@ def test_localizer_validates_its_input():
 )
 def test_classical_finds_object_on_plain_background(shape, color, background, noise):
     image, mask = draw_object((96, 128), shape, color, background, noise=noise, seed=1)
-    loc = make_localizer(LocalizeConfig(backend="classical", matting="none"))(image)
+    loc = make_localizer(LocalizeConfig(method="classical", matting="none"))(image)
     check_localization(loc, image)
-    assert loc.backend == "classical"
+    assert loc.produced_by == "classical"
     assert iou(loc.mask, mask) >= 0.9
     assert (loc.cutout[~loc.mask] == 255).all()
 
@@ -157,7 +157,7 @@ def test_classical_finds_object_on_plain_background(shape, color, background, no
 def test_classical_object_touching_border_and_large_image():
     # taller than WORK_SIDE, so it is detected at reduced size and resized back
     image, mask = draw_object((480, 360), "rect", (40, 120, 200), box=(90, 0, 270, 480))
-    loc = make_localizer(LocalizeConfig(backend="classical", matting="none"))(image)
+    loc = make_localizer(LocalizeConfig(method="classical", matting="none"))(image)
     check_localization(loc, image)
     assert iou(loc.mask, mask) >= 0.9
 
@@ -174,9 +174,9 @@ def test_classical_uniform_image_is_explicit_fallback(background, noise):
     image = np.full((64, 64, 3), background, np.float64)
     image += np.random.default_rng(0).normal(0, noise, image.shape)
     image = np.clip(image, 0, 255).astype(np.uint8)
-    loc = make_localizer(LocalizeConfig(backend="classical", matting="none"))(image)
+    loc = make_localizer(LocalizeConfig(method="classical", matting="none"))(image)
     check_localization(loc, image)
-    assert loc.backend == "classical(empty->full)" and loc.mask.all()
+    assert loc.produced_by == "classical(empty->full)" and loc.mask.all()
 
 
 def test_classical_cluttered_scene_is_explicit_fallback():
@@ -185,17 +185,17 @@ def test_classical_cluttered_scene_is_explicit_fallback():
     clutter = rng.integers(0, 256, (12, 16, 3)).astype(np.uint8)
     image = np.kron(clutter, np.ones((8, 8, 1), np.uint8))  # 8x8 px patches of random colours
     image[30:66, 40:88] = (200, 30, 30)
-    loc = make_localizer(LocalizeConfig(backend="classical", matting="none"))(image)
-    assert loc.backend == "classical(empty->full)"
+    loc = make_localizer(LocalizeConfig(method="classical", matting="none"))(image)
+    assert loc.produced_by == "classical(empty->full)"
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 5), (64, 64)])
 def test_classical_single_pixel_and_tiny_images_do_not_crash(size):
     image = np.full(size + (3,), 255, np.uint8)
     image[size[0] // 2, size[1] // 2] = (255, 0, 0)
-    loc = make_localizer(LocalizeConfig(backend="classical", matting="none"))(image)
+    loc = make_localizer(LocalizeConfig(method="classical", matting="none"))(image)
     check_localization(loc, image)
-    assert loc.backend.startswith("classical")
+    assert loc.produced_by.startswith("classical")
 
 
 # --- u2net (tiny ONNX with U²-Net's interface) --------------------------------------------------
@@ -223,12 +223,12 @@ def test_u2net_saliency_at_image_resolution(onnx_dir, input_size):
 
 def test_u2net_localizer_box_and_white_cutout(onnx_dir):
     image, mask = draw_object((90, 130), "rect", box=(20, 10, 70, 60))
-    cfg = LocalizeConfig(backend="u2net", model=str(onnx_dir["u2net"]), matting="none")
+    cfg = LocalizeConfig(method="u2net", model=str(onnx_dir["u2net"]), matting="none")
     localizer = make_localizer(cfg, input_size=64)
     assert isinstance(localizer, SaliencyLocalizer) and localizer.files == [onnx_dir["u2net"].resolve()]
     loc = localizer(image)
     check_localization(loc, image)
-    assert loc.backend == "u2net"
+    assert loc.produced_by == "u2net"
     assert np.abs(np.subtract(loc.box, true_box(mask))).max() <= 2  # 64 px network input, resized back
     assert (loc.cutout[loc.alpha == 0] == 255).all()
     assert iou(loc.mask, mask) >= 0.9
@@ -241,7 +241,7 @@ def test_u2net_any_image_size(onnx_dir, size):
     cfg = LocalizeConfig(model=str(onnx_dir["u2net"]), matting="pymatting", band=5)
     loc = make_localizer(cfg, input_size=64)(image)
     check_localization(loc, image)
-    assert loc.backend.startswith("u2net+pymatting")
+    assert loc.produced_by.startswith("u2net+pymatting")
 
 
 @pytest.mark.parametrize("object_color", [None, (250, 250, 250)])
@@ -254,7 +254,7 @@ def test_u2net_no_confident_object_is_explicit_fallback(onnx_dir, object_color):
     localizer = make_localizer(LocalizeConfig(model=str(onnx_dir["u2net"]), matting="none"), input_size=64)
     loc = localizer(image)
     check_localization(loc, image)
-    assert loc.backend == "u2net(empty->full)"
+    assert loc.produced_by == "u2net(empty->full)"
 
 
 @pytest.mark.parametrize("which", ["classifier", "fba", "garbage"])
@@ -298,7 +298,7 @@ def test_u2net_rejects_bad_input_size(onnx_dir):
 # --- make_localizer -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value,valid", [("backend", "u2nett", "u2net"), ("matting", "fab", "fba")])
+@pytest.mark.parametrize("field,value,valid", [("method", "u2nett", "u2net"), ("matting", "fab", "fba")])
 def test_make_localizer_unknown_names_list_valid_ones(field, value, valid):
     with pytest.raises(errors.UnknownNameError) as info:
         make_localizer(LocalizeConfig(**{field: value}))
@@ -321,14 +321,14 @@ def fake_registry(monkeypatch, paths: dict):
 
 def test_make_localizer_resolves_default_models_through_registry(onnx_dir, monkeypatch):
     calls = fake_registry(monkeypatch, {"u2netp": onnx_dir["u2net"], "fba": onnx_dir["fba"]})
-    localizer = make_localizer(LocalizeConfig(backend="u2net", model=None, matting="fba"), input_size=64)
+    localizer = make_localizer(LocalizeConfig(method="u2net", model=None, matting="fba"), input_size=64)
     assert calls == [("u2netp", "imagenet"), ("fba", "imagenet")]
     assert localizer.name == "u2net+fba"
     assert localizer.files == [onnx_dir["u2net"].resolve(), onnx_dir["fba"].resolve()]
     image, mask = draw_object((60, 70))
     loc = localizer(image)
     check_localization(loc, image)
-    assert loc.backend == "u2net+fba" and iou(loc.mask, mask) >= 0.9
+    assert loc.produced_by == "u2net+fba" and iou(loc.mask, mask) >= 0.9
 
 
 def test_make_localizer_registry_name_and_missing_weights(onnx_dir, monkeypatch):
@@ -340,5 +340,5 @@ def test_make_localizer_registry_name_and_missing_weights(onnx_dir, monkeypatch)
 
 
 def test_make_localizer_classical_needs_no_files():
-    localizer = make_localizer(LocalizeConfig(backend="classical", matting="pymatting"))
+    localizer = make_localizer(LocalizeConfig(method="classical", matting="pymatting"))
     assert localizer.files == [] and localizer.name == "classical+pymatting"

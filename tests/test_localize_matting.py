@@ -135,15 +135,15 @@ def test_matting_failure_is_explicit(monkeypatch):
     image, mask, saliency = soft_object()
     with pytest.raises(matting.MattingFailed, match="converge"):
         alpha_pymatting(image, make_trimap(saliency, 0.5, 5))
-    loc = make_localizer(LocalizeConfig(backend="classical", matting="pymatting", band=5))(image)
-    assert loc.backend == "classical+pymatting(failed->classical)" and iou(loc.mask, mask) >= 0.8
+    loc = make_localizer(LocalizeConfig(method="classical", matting="pymatting", band=5))(image)
+    assert loc.produced_by == "classical+pymatting(failed->classical)" and iou(loc.mask, mask) >= 0.8
 
 
 def test_classical_with_pymatting_end_to_end():
     image, mask, _ = soft_object((64, 72), "triangle")
-    localizer = make_localizer(LocalizeConfig(backend="classical", matting="pymatting", band=7))
+    localizer = make_localizer(LocalizeConfig(method="classical", matting="pymatting", band=7))
     loc = localizer(image)
-    assert loc.backend == "classical+pymatting"
+    assert loc.produced_by == "classical+pymatting"
     assert loc.alpha.dtype == np.float32 and iou(loc.mask, mask) >= 0.9
     assert (loc.cutout[loc.alpha == 0] == 255).all()
 

@@ -18,7 +18,7 @@ PHOTOS = [
 
 @pytest.fixture(scope="module")
 def localizer(shared_models):
-    cfg = LocalizeConfig(backend="u2net", model=str(shared_models / "u2netp.onnx"), matting="pymatting")
+    cfg = LocalizeConfig(method="u2net", model=str(shared_models / "u2netp.onnx"), matting="pymatting")
     return make_localizer(cfg, threads=1)
 
 
@@ -30,7 +30,7 @@ def test_u2netp_finds_the_product(localizer, grocery, photo):
     image = load_image(path)
     loc = localizer(image)
     height, width = image.shape[:2]
-    assert loc.backend == "u2net+pymatting"
+    assert loc.produced_by == "u2net+pymatting"
     assert loc.mask.shape == (height, width) and 0.02 < loc.mask.mean() < 0.95
     x0, y0, x1, y1 = loc.box
     assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
@@ -43,4 +43,4 @@ def test_u2netp_no_single_object_is_explicit_fallback(localizer, grocery):
     if not path.is_file():
         pytest.skip(f"{path} not in this copy of the dataset")
     loc = localizer(load_image(path))
-    assert loc.backend == "u2net+pymatting(empty->full)" and loc.mask.all()
+    assert loc.produced_by == "u2net+pymatting(empty->full)" and loc.mask.all()

@@ -30,7 +30,7 @@ def test_index_then_query_finds_each_image_itself(built):
         assert result.hits[0].product == record.product
         assert [h.distance for h in result.hits] == sorted(h.distance for h in result.hits)
         assert set(result.timings_ms) >= {"decode", "localize", "embed", "search", "total"}
-        assert result.localization.backend.startswith("classical")
+        assert result.localization.produced_by.startswith("classical")
 
 
 def test_excluding_the_query_still_finds_its_product(built):
@@ -99,7 +99,7 @@ def test_other_settings_at_same_out_are_refused(built, tiny_catalogue, tiny_conf
     other = load_config(
         overrides={
             "embed.extractor": tiny_config.embed.extractor,
-            "localize.backend": "none",
+            "localize.method": "none",
             "preprocess.image_size": 32,
         }
     )
@@ -108,9 +108,7 @@ def test_other_settings_at_same_out_are_refused(built, tiny_catalogue, tiny_conf
 
 
 def test_random_weights_are_refused_for_an_index(tmp_path, tiny_catalogue):
-    config = load_config(
-        overrides={"embed.extractor": "mobilenet", "embed.weights": "none", "localize.backend": "none"}
-    )
+    config = load_config(overrides={"embed.extractor": "mobilenet", "embed.weights": "none", "localize.method": "none"})
     with pytest.raises(ConfigError, match="needs fixed weights"):
         build_index(read_catalogue(tiny_catalogue), config, tmp_path / "idx")
 
@@ -183,7 +181,7 @@ def test_classifier_sees_the_photo_or_the_cutout(tmp_path, source):
 
     image, _ = draw_object((96, 128), noise=20.0, background=(40, 160, 40))
     config = load_config(
-        overrides={"localize.backend": "classical", "localize.matting": "none", "classify.input": source}
+        overrides={"localize.method": "classical", "localize.matting": "none", "classify.input": source}
     )
     prepared = prepare_image(image, config, make_localizer(config.localize), FixedClassifier("jar"))
     whole = model_input(image, 32, "rgb")
@@ -194,7 +192,7 @@ def test_classifier_sees_the_photo_or_the_cutout(tmp_path, source):
 def test_unknown_classifier_input_is_a_config_error():
     # rejected when the config is loaded, before any model or image is touched
     with pytest.raises(ConfigError, match="classify.input 'crop'.*Valid: cutout, photo"):
-        load_config(overrides={"localize.backend": "none", "classify.input": "crop"})
+        load_config(overrides={"localize.method": "none", "classify.input": "crop"})
 
 
 # --------------------------------------------------------------------------- views
@@ -231,7 +229,7 @@ def test_two_views_index_the_cutout_and_the_whole_photo(built, tiny_extractor):
 
 
 @pytest.mark.parametrize(
-    "overrides, views", [({"embed.views": "cutout"}, 1), ({"localize.backend": "none"}, 1), ({}, 2)]
+    "overrides, views", [({"embed.views": "cutout"}, 1), ({"localize.method": "none"}, 1), ({}, 2)]
 )
 def test_vector_length_follows_the_views(tmp_path, tiny_catalogue, tiny_config, overrides, views):
     from csearch.config import merge

@@ -62,7 +62,7 @@ def setup(tmp_path_factory):
             Config(),
             {
                 "preprocess.image_size": SIZE,
-                "localize.backend": "classical",
+                "localize.method": "classical",
                 "localize.matting": "none",
                 "embed.extractor": str(extractor),
                 "search.mask_size": 16,
@@ -279,17 +279,17 @@ def test_cached_localizer_returns_exactly_what_a_fresh_call_returns(tmp_path):
     from csearch.localize import make_localizer
 
     image, _ = draw_object((48, 64), shape="ellipse", noise=3.0, seed=1)
-    localizer = make_localizer(LocalizeConfig(backend="classical", matting="none"))
+    localizer = make_localizer(LocalizeConfig(method="classical", matting="none"))
     fresh = localizer(image)
     cache = ArrayCache(tmp_path)
-    cached = CachedLocalizer(make_localizer(LocalizeConfig(backend="classical", matting="none")), cache, {"t": 1})
+    cached = CachedLocalizer(make_localizer(LocalizeConfig(method="classical", matting="none")), cache, {"t": 1})
     cached(image)  # miss: computes and stores
     hit = cached(image)
     assert cache.hits == 1
     np.testing.assert_array_equal(hit.alpha, fresh.alpha)
     np.testing.assert_array_equal(hit.mask, fresh.mask)
     np.testing.assert_array_equal(hit.cutout, fresh.cutout)
-    assert hit.box == fresh.box and hit.backend == fresh.backend
+    assert hit.box == fresh.box and hit.produced_by == fresh.produced_by
     entries = lambda: len(list(tmp_path.rglob("*.npz")))  # noqa: E731
     assert entries() == 2  # the localization, and the saliency under it
     CachedLocalizer(localizer, cache, {"t": 2})(image)  # other settings: a new localization entry,
@@ -419,7 +419,7 @@ def test_ablation_rows_and_table(setup):
     base = setup["config"]
     variants = [
         ablation.Variant("pipeline", "evaluated"),
-        ablation.Variant("localization", "none", (("localize.backend", "none"),)),
+        ablation.Variant("localization", "none", (("localize.method", "none"),)),
         ablation.Variant("re-ranking", "iou", search=(("search.rerank", "iou"), ("search.rerank_top", 5))),
         ablation.Variant("restriction", "oracle", restriction="oracle"),
         ablation.Variant("re-ranking", "aspect_fused", shape=("aspect_fused", False)),
@@ -504,7 +504,7 @@ def test_evaluate_retrieval_reuses_an_index(setup, tmp_path, capfd):
     assert code == 0
     report = json.loads((out / "retrieval.json").read_text())
     assert report["n_queries"] == 4 and report["n_gallery"] == 12
-    assert report["config"]["localize"]["backend"] == "classical"
+    assert report["config"]["localize"]["method"] == "classical"
     assert not (tmp_path / "cache" / "index").exists()  # nothing was indexed
     bad = evaluate.main(["retrieval", "--queries", str(setup["catalogue"]), "--out", str(out)])
     assert bad == 2 and "--gallery" in capfd.readouterr().err

@@ -60,7 +60,7 @@ def build_tiny_index(root: Path, **search) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     catalogue = write_catalogue(root / "catalogue")
     overrides = {
-        "localize.backend": "classical",
+        "localize.method": "classical",
         "localize.matting": "none",
         "embed.weights": "none",
         "embed.extractor": str(tiny_extractor(root / "extractor.onnx")),

@@ -36,7 +36,7 @@ log = logging.getLogger("csearch")
 METRIC_KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision", "mrr")
 EXTRACTORS = ("mobilenet", "mobilenetv2", "efficientnet_lite0")
 PLAIN = {
-    "localize.backend": "none",
+    "localize.method": "none",
     "localize.matting": "none",
     "preprocess.color": "rgb",
     "preprocess.image_size": 224,
@@ -86,13 +86,13 @@ def plan(base: Config, has_classifier: bool) -> list[Variant]:
     ]
     none_matting = ("localize.matting", "none")
     rows += [
-        Variant("localization", "none (whole photo)", (("localize.backend", "none"), none_matting)),
-        Variant("localization", "classical (OpenCV)", (("localize.backend", "classical"), none_matting)),
-        Variant("localization", "u2net-p", (("localize.backend", "u2net"), none_matting)),
+        Variant("localization", "none (whole photo)", (("localize.method", "none"), none_matting)),
+        Variant("localization", "classical (OpenCV)", (("localize.method", "classical"), none_matting)),
+        Variant("localization", "u2net-p", (("localize.method", "u2net"), none_matting)),
         Variant(
-            "localization", "u2net-p + pymatting", (("localize.backend", "u2net"), ("localize.matting", "pymatting"))
+            "localization", "u2net-p + pymatting", (("localize.method", "u2net"), ("localize.matting", "pymatting"))
         ),
-        Variant("localization", f"{base.localize.backend} without box crop", (("localize.crop", False),)),
+        Variant("localization", f"{base.localize.method} without box crop", (("localize.crop", False),)),
     ]
     rows.append(Variant("restriction", "off", restriction="off"))
     if has_classifier:

@@ -187,7 +187,7 @@ class CachedLocalizer:
             key,
             alpha=loc.alpha.astype(np.float32, copy=False),
             mask=np.packbits(loc.mask),
-            backend=np.array(loc.backend),
+            produced_by=np.array(loc.produced_by),
         )
         return loc
 
@@ -200,7 +200,7 @@ def _from_entry(image: np.ndarray, entry: dict) -> Localization:
         alpha=alpha,
         mask=mask,
         cutout=composite_on_white(image, alpha),
-        backend=str(entry["backend"]),
+        produced_by=str(entry["produced_by"]),
         box=pixel_box(mask),
     )
 

@@ -58,7 +58,7 @@ def evaluate_run(
     run_dir: str | Path,
     catalogue,
     out: str | Path,
-    backend: str = "auto",
+    runtime: str = "auto",
     batch_size: int = 32,
     cache: Optional[dict] = None,
 ) -> dict:
@@ -69,7 +69,7 @@ def evaluate_run(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    classifier = Classifier.load(run_dir, backend=backend)
+    classifier = Classifier.load(run_dir, runtime=runtime)
     records = [r for r in catalogue.records if r.category is not None]
     if not records:
         raise CatalogueError(f"catalogue {catalogue.spec} has no labelled images to evaluate on")
@@ -93,7 +93,7 @@ def evaluate_run(
             "model": str(Path(run_dir).resolve()),
             "backbone": summary.get("backbone"),
             "params": summary.get("params") or _param_count(classifier),
-            "backend": classifier.backend,
+            "runtime": classifier.runtime,
             "data": catalogue.spec,
             "n_skipped": len(skipped),
             "skipped": [{"path": p, "reason": r} for p, r in skipped],
@@ -160,7 +160,7 @@ def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
 
 
 def evaluate_classifiers(
-    run_dirs: Sequence[str | Path], data: str, out: str | Path, backend: str = "auto", batch_size: int = 32
+    run_dirs: Sequence[str | Path], data: str, out: str | Path, runtime: str = "auto", batch_size: int = 32
 ) -> list[dict]:
     """One or several RUN_DIRs on one catalogue. Several: DIR/<run>/ each plus the comparison
     (table2.csv/.md, comparison.json) in DIR."""
@@ -170,11 +170,11 @@ def evaluate_classifiers(
     catalogue = read_catalogue(data)
     log.info("data: %s", catalogue.summary())
     if len(run_dirs) == 1:
-        return [evaluate_run(run_dirs[0], catalogue, out, backend, batch_size)]
+        return [evaluate_run(run_dirs[0], catalogue, out, runtime, batch_size)]
     cache: dict = {}
     results = []
     for name, run_dir in zip(run_names(run_dirs), run_dirs):
-        results.append(evaluate_run(run_dir, catalogue, out / name, backend, batch_size, cache))
+        results.append(evaluate_run(run_dir, catalogue, out / name, runtime, batch_size, cache))
         log.info(
             "%s: top-1 %.4f, average accuracy %.4f", name, results[-1]["accuracy"], results[-1]["average_accuracy"]
         )

@@ -252,7 +252,7 @@ def compute_query_features(
         vectors=np.concatenate([part[1] for part in parts]).astype(np.float32),
         masks=np.stack([p.mask for p in prepared]),
         boxes=np.stack([p.box for p in prepared]).astype(np.float32),
-        backends=[p.localization.backend for p in prepared],
+        backends=[p.localization.produced_by for p in prepared],
         probs=probs,
         class_names=list(models.classifier.class_names) if models.classifier is not None else None,
     )

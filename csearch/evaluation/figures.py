@@ -172,7 +172,7 @@ def figure6_localization(paths: Sequence[str], localizers: dict, out: Path, work
             cv2.drawContours(cut, contours, -1, (0, 90, 255), max(1, image.shape[0] // 150))
             ax = axes[row, col]
             ax.imshow(cut)
-            ax.set_title(f"{name}\n({loc.backend})" if loc.backend != name else name, fontsize=7)
+            ax.set_title(f"{name}\n({loc.produced_by})" if loc.produced_by != name else name, fontsize=7)
             _frame(ax, (0.5, 0.5, 0.5), 1.0)
     fig.suptitle("Localization backends on the same photos: cut-out on white, mask outline in blue", fontsize=9)
     fig.tight_layout()
@@ -202,7 +202,7 @@ def comparison_localizers(config, cache_dir: Optional[Path] = None) -> dict:
     }
     out = {}
     for label, (backend, matting) in wanted.items():
-        cfg = replace(config.localize, backend=backend, matting=matting)
+        cfg = replace(config.localize, method=backend, matting=matting)
         try:
             localizer = make_localizer(cfg)
         except WeightsNotFound as exc:

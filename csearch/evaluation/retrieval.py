@@ -120,7 +120,7 @@ def run_queries(engine, queries, cache_dir: Path, read_cache: bool, progress: Op
         vectors.append(vector)
         masks.append(prepared.mask)
         boxes.append(prepared.box)
-        backends.append(prepared.localization.backend)
+        backends.append(prepared.localization.produced_by)
         timings.append(times)
         hits_all.append(hits)
         if progress:

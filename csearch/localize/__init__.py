@@ -2,8 +2,8 @@
 
     from csearch.config import LocalizeConfig
     from csearch.localize import make_localizer
-    localizer = make_localizer(LocalizeConfig(backend="u2net", matting="pymatting"))
-    loc = localizer(image)          # Localization(alpha, mask, cutout, backend, box)
+    localizer = make_localizer(LocalizeConfig(method="u2net", matting="pymatting"))
+    loc = localizer(image)          # Localization(alpha, mask, cutout, produced_by, box)
     localizer.files                 # model files the result depends on (for the index's sha256)
 
 Backends: none (whole image) | classical (OpenCV, no weights) | u2net (ONNX U²-Net / U²-Net-p).
@@ -17,21 +17,17 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import LocalizeConfig
-from ..errors import WeightsNotFound, unknown_name
+from ..errors import WeightsNotFound
 from ..models import resolve_weights
 from .base import Localizer, MattingFailed, NoLocalizer, SaliencyLocalizer, composite_on_white, localization_from_alpha
 from .classical import ClassicalSaliency
 from .matting import FBAMatting, TrimapMatting, alpha_pymatting, make_trimap
 from .u2net import U2NetSaliency
 
-BACKENDS = ("none", "classical", "u2net")
-MATTINGS = ("none", "pymatting", "fba")
 DEFAULT_U2NET = "u2netp"  # registry name used when LocalizeConfig.model is None
 DEFAULT_FBA = "fba"
 
 __all__ = [
-    "BACKENDS",
-    "MATTINGS",
     "ClassicalSaliency",
     "FBAMatting",
     "Localizer",
@@ -70,13 +66,10 @@ def make_localizer(cfg: LocalizeConfig, threads: Optional[int] = None, input_siz
     checked (existence and interface) here, so a bad config fails before any image is read."""
     threads = cfg.threads if threads is None else threads
     input_size = cfg.input_size if input_size is None else input_size
-    if cfg.backend not in BACKENDS:
-        raise unknown_name("localize backend", cfg.backend, BACKENDS)
-    if cfg.matting not in MATTINGS:
-        raise unknown_name("matting method", cfg.matting, MATTINGS)
-    if cfg.backend == "none":
+    # cfg's method and matting names were checked when the config was built (csearch.config)
+    if cfg.method == "none":
         return NoLocalizer()  # nothing to refine: the whole image is the object
-    if cfg.backend == "classical":
+    if cfg.method == "classical":
         saliency = ClassicalSaliency()
     else:
         spec_name = cfg.model if cfg.model and _is_registry_name(cfg.model) else DEFAULT_U2NET  # its interface

@@ -22,7 +22,7 @@ EMPTY_SUFFIX = "(empty->full)"
 
 class MattingFailed(RuntimeError):
     """A matting solver found no alpha for this image (e.g. its iterative solve did not converge);
-    the localizer then keeps the saliency as alpha and says so in the backend string."""
+    the localizer then keeps the saliency as alpha and says so in `produced_by`."""
 
 
 @runtime_checkable
@@ -62,7 +62,7 @@ def full_localization(image: np.ndarray, backend: str) -> Localization:
         alpha=np.ones((height, width), np.float32),
         mask=np.ones((height, width), bool),
         cutout=image.copy(),
-        backend=backend,
+        produced_by=backend,
         box=(0, 0, width, height),
     )
 
@@ -80,7 +80,7 @@ def localization_from_alpha(image: np.ndarray, alpha: np.ndarray, threshold: flo
     if not mask.any():
         return full_localization(image, backend + EMPTY_SUFFIX)
     return Localization(
-        alpha=alpha, mask=mask, cutout=composite_on_white(image, alpha), backend=backend, box=pixel_box(mask)
+        alpha=alpha, mask=mask, cutout=composite_on_white(image, alpha), produced_by=backend, box=pixel_box(mask)
     )
 
 
@@ -99,7 +99,7 @@ class NoLocalizer:
 class SaliencyLocalizer:
     """A coarse object map, optionally refined by matting, thresholded into a Localization.
 
-    `name` (and so `Localization.backend`) is e.g. "u2net+pymatting"; with `matting=None` the
+    `name` (and so `Localization.produced_by`) is e.g. "u2net+pymatting"; with `matting=None` the
     saliency itself is the alpha matte. If matting fails on an image, the saliency is used and
     the backend reads e.g. "u2net+pymatting(failed->u2net)".
     """

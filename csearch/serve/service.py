@@ -196,7 +196,7 @@ class Service:
         return {
             "cutout": data_url(cutout_jpeg(localization), "image/jpeg"),
             "query_mask": data_url(tinted_mask_png(mask, QUERY_MASK_RGBA), "image/png"),
-            "localizer": localization.backend,
+            "localizer": localization.produced_by,
         }
 
     def add_job(self, engine: Engine, data: bytes, product: str, category: str) -> dict:
