@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from .config import allowed_values
 from .errors import ConfigError, unknown_name
 from .knn import knn
 from .masks import mask_iou, mask_iou_cropped, pack_masks
@@ -40,7 +41,7 @@ from .masks import mask_iou, mask_iou_cropped, pack_masks
 if TYPE_CHECKING:
     from .config import SearchConfig
 
-RERANK_METHODS = ("none", "iou", "fused", "iou_crop", "fused_crop")
+RERANK_METHODS = allowed_values("search.rerank")
 
 
 # ---------------------------------------------------------------------------------- re-ranking

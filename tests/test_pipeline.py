@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csearch import pipeline
+from csearch import indexing
 from csearch.config import load_config
 from csearch.data import read_catalogue
 from csearch.errors import ConfigError, ModelMismatch, StoreError
@@ -48,7 +48,15 @@ def test_excluding_the_query_still_finds_its_product(built):
 
 def test_k_beyond_the_index_returns_what_exists(built):
     catalogue, _, index = built
-    assert len(Engine.open(index).query(catalogue.records[0].path, k=1000).hits) == 12
+    assert len(Engine.open(index).query(catalogue.records[0].path, k=100).hits) == 12
+
+
+@pytest.mark.parametrize("settings", [{"k": 0}, {"k": 1000}, {"rerank": "ioux"}, {"rerank_top": 0}])
+def test_query_settings_obey_the_config_schema(built, settings):
+    # the library, the CLI and the HTTP API share one set of rules (csearch.config)
+    catalogue, _, index = built
+    with pytest.raises(ConfigError):
+        Engine.open(index).query(catalogue.records[0].path, **settings)
 
 
 def test_resolved_config_records_model_files(built, tiny_extractor):
@@ -75,7 +83,7 @@ def test_changed_or_moved_model_is_a_clear_error(built, tiny_extractor):
 
 
 def test_interrupted_index_resumes(tmp_path, tiny_catalogue, tiny_config, monkeypatch):
-    monkeypatch.setattr(pipeline, "CHUNK", 4)
+    monkeypatch.setattr(indexing, "CHUNK", 4)
     catalogue = read_catalogue(tiny_catalogue)
     seen = []
 

@@ -80,7 +80,8 @@ def feature_code_digest() -> str:
         sorted(root.glob("localize/*.py"))
         + sorted(root.glob("models/*.py"))
         + sorted(root.glob("store/*.py"))
-        + [root / n for n in ("preprocess.py", "masks.py", "pipeline.py", "embed.py", "evaluation/cache.py")]
+        + [root / n for n in ("preprocess.py", "masks.py", "prepare.py", "indexing.py", "embed.py")]
+        + [root / "evaluation" / "cache.py"]
     )
     return settings_digest([file_sha256(f) for f in files if f.is_file()])
 

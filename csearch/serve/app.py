@@ -17,9 +17,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..errors import unknown_name
+from ..config import MAX_K, MAX_RERANK_TOP, allowed_values, merge
 from ..pipeline import Engine
-from ..search import RERANK_METHODS
 from .errors import ApiError, install_error_handlers
 from .images import THUMBNAIL_SIDE
 from .limits import (
@@ -27,9 +26,7 @@ from .limits import (
     DEFAULT_QUEUE_LIMIT,
     FORM_OVERHEAD,
     MAX_ID,
-    MAX_K,
     MAX_LABEL,
-    MAX_RERANK_TOP,
     BodyLimit,
     read_upload,
 )
@@ -164,15 +161,18 @@ def _add_search_routes(app: FastAPI, service: Service) -> None:
         category: Annotated[
             Optional[str], Form(max_length=MAX_LABEL, description="search this category instead of the predicted one")
         ] = None,
-        rerank: Annotated[Optional[str], Form(description=f"one of {', '.join(RERANK_METHODS)}")] = None,
+        rerank: Annotated[
+            Optional[str], Form(description=f"one of {', '.join(allowed_values('search.rerank'))}")
+        ] = None,
         rerank_top: Annotated[Optional[int], Form(ge=1, le=MAX_RERANK_TOP)] = None,
         restrict: Annotated[Optional[bool], Form(description="restrict to the predicted category")] = None,
         visuals: Annotated[bool, Form(description="also return the cut-out and the query mask")] = False,
     ):
-        if rerank is not None and rerank not in RERANK_METHODS:
-            raise unknown_name("rerank method", rerank, RERANK_METHODS)
         switches = {"rerank": rerank, "rerank_top": rerank_top, "restrict": restrict}
         switches = {key: value for key, value in switches.items() if value is not None}
+        # the config schema judges the values (the CLI's rules), before the upload is read
+        given = {**switches, "k": k}
+        merge(service.config, {f"search.{key}": value for key, value in given.items() if value is not None})
         with service.pool.admit() as slot:  # 503 before the upload is read into memory
             data = await read_upload(file, service.max_upload_bytes)
             payload, waited_ms = await service.pool.run(

@@ -12,8 +12,6 @@ from .errors import ApiError, error_response
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20  # a full-resolution phone photo is 3-8 MB
 DEFAULT_QUEUE_LIMIT = 32  # waiting requests on top of the running ones
 FORM_OVERHEAD = 64 * 2**10  # multipart boundaries and text fields on top of the file
-MAX_K = 100
-MAX_RERANK_TOP = 1000
 MAX_LABEL = 200  # characters in a product or category name
 MAX_ID = 2**63 - 1  # ids are int64
 
