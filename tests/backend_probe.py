@@ -44,7 +44,8 @@ def inference_mode_check(wrapped: bool = True) -> tuple[bool, bool]:
 
 
 def train_runs(catalogue: str, work: Path) -> dict:
-    from csearch import classify, train
+    from csearch import classify
+    from csearch.train import cli as train_cli
 
     common = [
         "--data",
@@ -72,7 +73,7 @@ def train_runs(catalogue: str, work: Path) -> dict:
     results = {}
     for mode, extra in modes.items():
         out = work / mode
-        code = train.main(["classifier", *common, *extra, "--out", str(out)])
+        code = train_cli.main(["classifier", *common, *extra, "--out", str(out)])
         summary = json.loads((out / "summary.json").read_text()) if code == 0 else {}
         probs = classify.Classifier.load(out).predict(np.full((2, 32, 32, 3), 128, np.uint8)) if code == 0 else None
         results[mode] = {

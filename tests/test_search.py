@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from drawing import triangle
 
 from csearch import knn as knn_module
 from csearch import search
 from csearch.errors import UnknownNameError
 from csearch.knn import knn, squared_norms
-from csearch.masks import mask_iou, mask_iou_cropped, pack_masks
 from csearch.masks import normalized_box as mask_box
+from csearch.masks import pack_masks
 from csearch.search import rerank, rerank_with_masks
 
 ENGINES = ["numpy", "faiss", "auto"]
@@ -146,53 +147,6 @@ def test_unknown_engine_lists_the_valid_ones():
     vectors, queries = gallery(n=20)
     with pytest.raises(UnknownNameError, match="numpy"):
         knn(vectors, queries, 3, engine="fiass")
-
-
-# ---------------------------------------------------------------------------------------- IoU
-
-
-@pytest.mark.parametrize("size", [5, 16, 64])
-def test_mask_iou_matches_boolean_computation(size):
-    rng = np.random.default_rng(size)
-    masks = rng.random((30, size, size)) < rng.random((30, 1, 1))
-    masks[3] = False
-    query = masks[0]
-    expected = [(query & m).sum() / (query | m).sum() for m in masks]
-    bits = pack_masks(masks)
-    np.testing.assert_allclose(mask_iou(bits[0], bits), expected, rtol=1e-6)
-    assert mask_iou(bits[0], bits)[0] == 1.0
-
-
-def test_iou_of_two_empty_masks_is_zero():
-    empty = pack_masks(np.zeros((2, 8, 8), bool))
-    assert mask_iou(empty[0], empty).tolist() == [0.0, 0.0]
-
-
-def test_mask_iou_validates():
-    with pytest.raises(ValueError):
-        mask_iou(np.zeros(8, np.uint8), np.zeros((2, 4), np.uint8))
-
-
-def triangle(frame, y0, x0, height, width, mirrored=False):
-    """Fill a right triangle in the box (lower-left half, or upper-right when mirrored)."""
-    ys, xs = np.mgrid[0:height, 0:width]
-    below = xs / width <= ys / height
-    frame[y0 : y0 + height, x0 : x0 + width] |= ~below if mirrored else below
-    return frame
-
-
-def test_cropped_iou_compares_shapes_not_positions():
-    frames = np.zeros((4, 64, 64), bool)
-    triangle(frames[0], 4, 4, 16, 8)  # the query: small, top left
-    triangle(frames[1], 24, 32, 32, 16)  # the same shape, twice as big, elsewhere
-    triangle(frames[2], 4, 4, 16, 8, mirrored=True)  # the mirror image, in the query's box
-    frames[3, 40:56, 4:12] = True  # a rectangle: its crop is the full square
-    bits, boxes = pack_masks(frames), np.stack([mask_box(m) for m in frames])
-    full = mask_iou(bits[0], bits[1:])
-    cropped = mask_iou_cropped(bits[0], boxes[0], bits[1:], boxes[1:], mask_size=64, crop_size=32)
-    assert full[0] == 0.0 and cropped[0] > 0.9
-    assert cropped[1] < 0.2
-    assert cropped[2] == pytest.approx(0.5, abs=0.1)  # the triangle covers about half its box
 
 
 # ----------------------------------------------------------------------------------- re-ranking

@@ -16,8 +16,8 @@ import pytest
 
 from csearch import store as store_module
 from csearch.errors import StoreError
-from csearch.masks import crop_masks, pack_masks, resize_mask, unpack_masks
 from csearch.masks import normalized_box as mask_box
+from csearch.masks import unpack_masks
 from csearch.store import IndexStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -546,45 +546,3 @@ def test_bytes_per_item_beyond_the_vector_is_under_1kb(tmp_path):
     total = sum(p.stat().st_size for p in (tmp_path / "index").rglob("*") if p.is_file())
     per_item = (total - n * dim * 4) / n
     assert per_item <= 1024, per_item
-
-
-# -------------------------------------------------------------------------------------- masks
-
-
-def test_pack_unpack_round_trip_any_size():
-    rng = np.random.default_rng(0)
-    for size in (5, 16, 64):
-        masks = rng.random((3, size, size)) < 0.4
-        bits = pack_masks(masks)
-        assert bits.shape == (3, (size * size + 7) // 8) and bits.dtype == np.uint8
-        np.testing.assert_array_equal(unpack_masks(bits, size), masks)
-    assert pack_masks(np.ones((1, 64, 64), bool)).shape == (1, 512)
-    with pytest.raises(ValueError):
-        pack_masks(np.ones((1, 4, 4), np.uint8))
-
-
-def test_resize_mask_is_area_interpolation():
-    mask = np.zeros((128, 96), bool)
-    mask[32:96, 24:72] = True  # block-aligned for 128/64 = 2 and 96/64 = 1.5
-    small = resize_mask(mask, 64)
-    expected = np.zeros((64, 64), bool)
-    expected[16:48, 16:48] = True
-    np.testing.assert_array_equal(small, expected)
-    np.testing.assert_array_equal(resize_mask(np.eye(2, dtype=bool), 4), np.kron(np.eye(2), np.ones((2, 2))) > 0)
-    tiny = np.zeros((640, 640), bool)
-    tiny[300, 300] = True  # far below one output cell: kept rather than lost
-    assert resize_mask(tiny, 64).sum() == 1 and resize_mask(tiny, 64)[30, 30]
-    assert not resize_mask(np.zeros((10, 10), bool), 64).any()
-    with pytest.raises(ValueError):
-        resize_mask(np.zeros((10, 10)), 8)
-
-
-def test_crop_masks_removes_position_and_scale():
-    frame = np.zeros((2, 64, 64), bool)
-    frame[0, 8:24, 8:16] = True  # the same 2:1 rectangle, small at the top left ...
-    frame[1, 16:48, 32:48] = True  # ... and twice as big to the right
-    boxes = np.stack([mask_box(m) for m in frame])
-    np.testing.assert_allclose(boxes[0], [8 / 64, 8 / 64, 16 / 64, 24 / 64])
-    crops = crop_masks(frame, boxes, 32)
-    assert crops.all()  # a box around a rectangle is filled by it
-    np.testing.assert_array_equal(mask_box(np.zeros((4, 4), bool)), [0, 0, 1, 1])

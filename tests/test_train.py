@@ -12,6 +12,7 @@ from conftest import write_catalogue
 
 from csearch import errors, train
 from csearch.train import TrainConfig, load_train_config, stratified_split, train_classifier
+from csearch.train import cli as train_cli
 
 TINY = {"backbone": "mobilenet", "weights": "none", "image_size": 32, "epochs": 2, "batch_size": 4, "copies": 1}
 
@@ -102,7 +103,7 @@ def catalogue(tmp_path_factory):
 @pytest.fixture(scope="module")
 def frozen_run(catalogue, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "frozen"
-    code = train.main(
+    code = train_cli.main(
         [
             "classifier",
             "--data",
@@ -178,7 +179,7 @@ def test_json_summary_is_alone_on_stdout(frozen_run, catalogue, capfd):
         "1",
         "--json",
     ]
-    assert train.main(args) == 0  # the finished run: summary only
+    assert train_cli.main(args) == 0  # the finished run: summary only
     summary = json.loads(capfd.readouterr().out)
     assert summary["n_classes"] == 4 and summary["mode"] == "features"
 
@@ -216,10 +217,10 @@ def test_rerun_finished_and_conflicting_config(frozen_run, catalogue, capsys):
         "1",
     ]
     before = (frozen_run / "model.keras").stat().st_mtime_ns
-    assert train.main(args) == 0
+    assert train_cli.main(args) == 0
     assert (frozen_run / "model.keras").stat().st_mtime_ns == before  # nothing retrained
     capsys.readouterr()
-    assert train.main(args[:-2] + ["--seed", "2"]) == 2
+    assert train_cli.main(args[:-2] + ["--seed", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("csearch: error:") and "seed" in err[-1]
 
@@ -294,7 +295,7 @@ def _one_line_error(capsys) -> str:
 
 
 def test_unknown_backbone_lists_names(catalogue, tmp_path, capsys):
-    code = train.main(
+    code = train_cli.main(
         ["classifier", "--data", str(catalogue), "--backbone", "mobilenetv3", "--out", str(tmp_path / "x")]
     )
     assert code == 2
@@ -305,7 +306,7 @@ def test_unknown_backbone_lists_names(catalogue, tmp_path, capsys):
 
 def test_empty_catalogue(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code = train.main(
+    code = train_cli.main(
         [
             "classifier",
             "--data",
@@ -335,7 +336,7 @@ def test_weights_imagenet_offline(catalogue, tmp_path, capsys, monkeypatch):
         )
 
     monkeypatch.setattr(weights, "_download", offline)
-    code = train.main(
+    code = train_cli.main(
         [
             "classifier",
             "--data",
@@ -355,7 +356,7 @@ def test_weights_imagenet_offline(catalogue, tmp_path, capsys, monkeypatch):
 
 def test_single_category_is_an_error(tmp_path, capsys):
     data = write_catalogue(tmp_path / "one", categories=("bottle",), products=1, images=3, size=(40, 40))
-    code = train.main(
+    code = train_cli.main(
         [
             "classifier",
             "--data",

@@ -13,7 +13,6 @@ imports them, so importing csearch.train does not import Keras.
 """
 
 from .classifier import train_classifier
-from .cli import build_parser, main
 from .config import TrainConfig, load_train_config, validate
 from .data import PreparedData, Split, load_images, prepare_data, stratified_split
 from .history import read_history
@@ -22,10 +21,8 @@ __all__ = [
     "PreparedData",
     "Split",
     "TrainConfig",
-    "build_parser",
     "load_images",
     "load_train_config",
-    "main",
     "prepare_data",
     "read_history",
     "stratified_split",

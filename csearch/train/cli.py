@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY=VALUE",
         default=[],
-        help="any other train setting, e.g. --set copies=2 (see TrainConfig)",
+        help="any other train setting, e.g. --set copies=2 (every setting: csearch/train/config.py)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return parser
