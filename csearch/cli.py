@@ -1,4 +1,4 @@
-"""The `csearch` command: index | add | remove | query | serve | export | models | demo.
+"""The `csearch` command: index | add | list | remove | query | serve | export | models | demo.
 
 Only machine-readable output goes to stdout (`--json`); logs, progress bars and the models' own
 chatter go to stderr. Every user error ends in one line on stderr and a non-zero exit code.
@@ -7,186 +7,33 @@ chatter go to stderr. Every user error ends in one line on stderr and a non-zero
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Optional
 
+from .commands import (
+    cmd_add,
+    cmd_demo,
+    cmd_export,
+    cmd_index,
+    cmd_list,
+    cmd_models,
+    cmd_models_fetch,
+    cmd_query,
+    cmd_remove,
+    cmd_serve,
+)
 from .console import (
     add_model_flags,
-    config_from_args,
-    parse_sets,
-    print_result,
-    progress_bar,
     quiet_frameworks,
-    report_failures,
     run_command,
 )
 from .errors import CSearchError
 
 log = logging.getLogger("csearch")
 
-EPILOG = "Config precedence: built-in defaults < --config FILE < --set KEY=VALUE < explicit flags."
-
-
-# ----------------------------------------------------------------------------- plumbing
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """How this command was invoked, as a user would retype it."""
-    return " ".join(["csearch", *args.argv])
-
-
-# ----------------------------------------------------------------------------- commands
-
-
-def cmd_index(args) -> int:
-    from .config import save_config
-    from .data import read_catalogue
-    from .pipeline import build_index
-
-    config = config_from_args(args)
-    catalogue = read_catalogue(args.catalogue)
-    log.info("catalogue: %s", catalogue.summary())
-    with progress_bar(len(catalogue.records), "indexing") as bar:
-        report = build_index(
-            catalogue, config, args.out, overwrite=args.overwrite, progress=bar.update, workers=args.workers
-        )
-    report_failures(report.failures)
-    save_config(report.config, Path(args.out) / "config.yaml", extra={"command": command_line(args)})
-    log.info(
-        "indexed %d image(s) into %s in %.1f s (%.2f img/s)%s",
-        report.added,
-        args.out,
-        report.seconds,
-        report.images_per_second,
-        f"; {report.skipped_existing} already indexed (resumed)" if report.skipped_existing else "",
-    )
-    if args.json:
-        args.stdout.write(
-            json.dumps(
-                {
-                    "index": str(Path(args.out).resolve()),
-                    "added": report.added,
-                    "resumed": report.skipped_existing,
-                    "failed": len(report.failures),
-                    "seconds": round(report.seconds, 3),
-                }
-            )
-            + "\n"
-        )
-    return 0
-
-
-def cmd_add(args) -> int:
-    from .data import read_catalogue
-    from .pipeline import Engine
-
-    engine = Engine.open(args.index)
-    catalogue = read_catalogue(args.catalogue)
-    known = set(engine.store.snapshot.paths)
-    records = [r for r in catalogue.records if str(Path(r.path).resolve()) not in known]
-    log.info("catalogue: %s; %d new", catalogue.summary(), len(records))
-    with progress_bar(len(records), "adding") as bar:
-        ids, failures = engine.add(records, progress=bar.update)
-    report_failures(list(failures) + list(catalogue.skipped))
-    items = len(engine.store.snapshot)
-    log.info("added %d image(s); the index now holds %d", len(ids), items)
-    if args.json:
-        args.stdout.write(json.dumps({"added": len(ids), "failed": len(failures), "items": items}) + "\n")
-    return 0
-
-
-def cmd_remove(args) -> int:
-    from .store import IndexStore
-
-    store = IndexStore.open(args.index)
-    removed = store.remove(args.ids)
-    log.info("removed %d item(s); the index now holds %d", removed, len(store))
-    if args.json:
-        args.stdout.write(json.dumps({"removed": removed, "items": len(store)}) + "\n")
-    return 0
-
-
-def cmd_query(args) -> int:
-    from .pipeline import Engine
-
-    overrides = {
-        "k": args.k,
-        "rerank": args.rerank,
-        "rerank_top": args.rerank_top,
-        "restrict": None if args.restrict is None else args.restrict == "on",
-    }
-    overrides.update({k.split(".", 1)[1]: v for k, v in parse_sets(args.set).items() if k.startswith("search.")})
-    engine = Engine.open(args.index, search_overrides=overrides)
-    result = engine.query(args.image, category=args.category)
-    if args.json:
-        args.stdout.write(json.dumps(result.to_dict()) + "\n")
-    else:
-        print_result(result, args.stdout)
-    return 0
-
-
-def cmd_models(args) -> int:
-    from .models import csearch_home, describe_models
-
-    rows = describe_models()
-    if args.json:
-        args.stdout.write(json.dumps(rows, default=str) + "\n")
-        return 0
-    out = args.stdout
-    out.write(f"weights are looked up in: explicit path > $CSEARCH_HOME ({csearch_home()}) > Keras' cache\n")
-    for row in rows:
-        status = (
-            f"found: {row['found']}"
-            if row.get("found")
-            else f"missing: put {row.get('weights_file')} in {csearch_home()}"
-        )
-        out.write(f"{row['name']:<18} {row['role']:<15} {status}\n")
-    return 0
-
-
-def cmd_export(args) -> int:
-    target = Path(args.target)
-    if target.is_dir():
-        from .classify import export_classifier
-
-        path, diff = export_classifier(target, fmt=args.format)
-    else:
-        from .export import export_extractor
-
-        out = Path(args.out or f"{args.target}.onnx")
-        path, diff = export_extractor(args.target, args.weights, out)
-    log.info("exported %s (max |onnxruntime - keras| = %.2e)", path, diff)
-    if args.json:
-        args.stdout.write(json.dumps({"path": str(path), "max_abs_diff": float(diff)}) + "\n")
-    return 0
-
-
-def cmd_serve(args) -> int:
-    from .serve import run_server
-
-    run_server(
-        args.index,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        queue_limit=args.queue_limit,
-        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-    )
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(Path(args.out), config_from_args(args), args.stdout)
-    return 0
-
-
-# ----------------------------------------------------------------------------- parser
+EPILOG = "Settings: built-in defaults < --config FILE < --set KEY=VALUE < explicit flags (every key: docs/config.md)."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="csearch",
-        description="Find the same product in a catalogue from one photo "
-        "(U²-Net localization, category restriction, exact KNN, mask-IoU re-ranking).",
-        epilog=EPILOG,
+        description="Find the same product in a catalogue from one photo. By default a query localizes the "
+        "object (U²-Net-p), embeds its cut-out and the whole photo, searches only the predicted category when "
+        "the index has a classifier, and ranks by exact KNN. Every setting and its default: docs/config.md.",
+        epilog="Start with `csearch demo`; `csearch COMMAND --help` describes each command. " + EPILOG,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -206,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="offline stage: index a catalogue",
         epilog=EPILOG,
         description="Localize every catalogue image, extract its feature vector and mask, "
-        "and store them with category and product in INDEX_DIR. Interrupted runs resume "
-        "when rerun with the same --out.",
+        "and store them with category and product in INDEX_DIR. Work is committed every 256 images "
+        "or 30 s, so an interrupted run resumes when rerun with the same CATALOGUE and --out; another "
+        "catalogue at an existing --out is refused (use `csearch add`). Images that cannot be read are "
+        "skipped and listed in INDEX_DIR/failures.txt (path TAB reason).",
     )
     p.add_argument(
         "catalogue",
@@ -218,31 +68,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="INDEX_DIR", help="index directory to create (or resume)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     p.add_argument("--workers", type=int, default=2, help="threads decoding and localizing (default 2)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with an error (code 2) if any image could not be indexed; the others are still "
+        "indexed, and a rerun after fixing the files indexes only those",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_model_flags(p)
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("add", help="add catalogue images to an existing index (no rebuild)")
-    p.add_argument("index", metavar="INDEX_DIR")
-    p.add_argument("catalogue", metavar="CATALOGUE")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "list",
+        help="list the items of an index (id, product, category, path)",
+        description="One row per item of INDEX_DIR: the id that `csearch remove` and DELETE /items/ID take, "
+        "its product, category and image path. Loads no model.",
+    )
+    p.add_argument("index", metavar="INDEX_DIR", help="an index made by `csearch index`")
+    p.add_argument("--json", action="store_true", help='print exactly one JSON object: {"items": [...], "count": N}')
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser(
+        "add",
+        help="add catalogue images to an existing index (no rebuild)",
+        description="Index the images of CATALOGUE that INDEX_DIR does not hold yet, with the models and "
+        "settings the index was built with, and add them. Images already in the index are skipped.",
+    )
+    p.add_argument("index", metavar="INDEX_DIR", help="an index built by `csearch index`")
+    p.add_argument("catalogue", metavar="CATALOGUE", help="images to add, in any form `csearch index` reads")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=cmd_add)
 
-    p = sub.add_parser("remove", help="remove items from an index by id")
-    p.add_argument("index", metavar="INDEX_DIR")
-    p.add_argument("ids", metavar="ID", nargs="+", type=int)
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "remove",
+        help="remove items from an index by id",
+        description="Remove items from INDEX_DIR by id (the ids that `csearch list` and query results show). "
+        "Loads no model.",
+    )
+    p.add_argument("index", metavar="INDEX_DIR", help="an index built by `csearch index`")
+    p.add_argument("ids", metavar="ID", nargs="+", type=int, help="item ids to remove")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser(
         "query",
         help="online stage: find the catalogue items matching a photo",
-        description="Uses the models the index recorded; no model flags needed.",
+        description="Uses the models the index recorded (no model flags needed), found by name and sha256 at "
+        "their recorded place, in INDEX_DIR/models or in $CSEARCH_HOME, so an index and its models can move.",
     )
-    p.add_argument("index", metavar="INDEX_DIR")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("-k", type=int, help="number of results (default: the index's search.k, 5)")
-    p.add_argument("--category", help="search this category instead of the predicted one")
+    p.add_argument("index", metavar="INDEX_DIR", help="an index made by `csearch index`")
+    p.add_argument("image", metavar="IMAGE", help="the photo to search with (any format Pillow reads)")
+    p.add_argument("-k", type=int, help="number of results, 1 to 100 (default: the index's search.k, 5)")
+    p.add_argument("--category", help="search this category (one the index holds) instead of the predicted one")
     p.add_argument(
         "--restrict",
         choices=["on", "off"],
@@ -251,17 +128,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rerank",
         choices=allowed_values("search.rerank"),
-        help="re-rank the top candidates by mask IoU (the paper: iou)",
+        help="re-rank the top candidates by mask IoU (the paper: iou; default none: it did not help here)",
     )
-    p.add_argument("--rerank-top", type=int, help="how many KNN candidates to re-rank")
-    p.add_argument("--set", metavar="search.KEY=VALUE", action="append", help="override a search setting")
+    p.add_argument("--rerank-top", type=int, help="how many KNN candidates to re-rank, 1 to 1000 (default 10)")
+    p.add_argument(
+        "--set",
+        metavar="search.KEY=VALUE",
+        action="append",
+        help="override a search setting (only search.* keys: the rest is fixed by the index)",
+    )
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.set_defaults(func=cmd_query)
 
-    p = sub.add_parser("serve", help="HTTP API and web page for the online stage")
-    p.add_argument("index", metavar="INDEX_DIR")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = sub.add_parser(
+        "serve",
+        help="HTTP API and web page for the online stage",
+        description="Serve INDEX_DIR over HTTP: the web page at /, the API docs at /docs (no CDN needed). "
+        "Searches and reads are open; adding and removing items (POST /items, DELETE /items/ID) need the "
+        "API key from $CSEARCH_API_KEY or --api-key-file, sent as 'Authorization: Bearer KEY' or "
+        "'X-API-Key: KEY'. Without a key, writes are open on a loopback --host only.",
+    )
+    p.add_argument("index", metavar="INDEX_DIR", help="the index to serve (made by csearch index)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1); any other than localhost/127.0.0.1/::1 needs an API key "
+        "or --read-only",
+    )
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="file holding the API key that writes need (overrides $CSEARCH_API_KEY; never pass a key itself "
+        "on the command line)",
+    )
+    p.add_argument("--read-only", action="store_true", help="refuse every write with 403 (no API key needed)")
     p.add_argument("--workers", type=int, default=2, help="search workers, each with its own model copies (default 2)")
     p.add_argument(
         "--queue-limit",
@@ -269,23 +170,92 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="requests that may wait for a worker before new ones get 503 (default 32)",
     )
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="upload size limit in MB (default 10)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=10.0, metavar="MIB", help="upload size limit in MiB (default 10)"
+    )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export", help="export a classifier RUN_DIR or a registered extractor to ONNX")
-    p.add_argument("target", metavar="RUN_DIR|EXTRACTOR")
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--weights", default="imagenet", help="extractor weights (for a registered extractor)")
-    p.add_argument("--out", help="output file (extractor export)")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "export",
+        help="export a classifier RUN_DIR or a registered extractor to ONNX",
+        description="Convert a Keras model to ONNX, run both on the same input and report the largest "
+        "difference. A classifier RUN_DIR gets RUN_DIR/model.onnx, which ONNX Runtime then runs instead of Keras "
+        "(in indexes built after the export); a registered Keras extractor (e.g. mobilenet) becomes an .onnx file "
+        "that --extractor accepts.",
+    )
+    p.add_argument(
+        "target",
+        metavar="RUN_DIR|EXTRACTOR",
+        help="a RUN_DIR of `python -m csearch.train classifier`, or a registered Keras extractor (`csearch models`)",
+    )
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="output format (default onnx)")
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        metavar="imagenet|PATH",
+        help="weights of a registered extractor (default imagenet, looked up in $CSEARCH_HOME)",
+    )
+    p.add_argument("--out", metavar="FILE", help="output file of an extractor export (default EXTRACTOR.onnx)")
+    p.add_argument("--json", action="store_true", help="print the file and the difference as JSON on stdout")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("models", help="list the model registry and where each model's weights are")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "models",
+        help="list the registered models, or fetch their files (`csearch models fetch`)",
+        description="`csearch models` (or `csearch models list`) lists every registered model, whether its file "
+        "was found and, if not, the command that gets it. `csearch models fetch` gets model files into "
+        "$CSEARCH_HOME (default ~/.cache/csearch); nothing else in csearch downloads.",
+    )
+    p.add_argument("--json", action="store_true", help="print the list as JSON on stdout")
     p.set_defaults(func=cmd_models)
+    actions = p.add_subparsers(dest="models_action", metavar="ACTION")
+    q = actions.add_parser(
+        "list",
+        help="list the models and where their files are (the default)",
+        description="Every registered model: its role, the weights file it needs, whether that file was found "
+        "(and where), and where a missing one comes from (`csearch models fetch NAME`).",
+    )
+    q.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the list as JSON on stdout")
+    q = actions.add_parser(
+        "fetch",
+        help="download (or copy, with --from) model files into $CSEARCH_HOME",
+        description="Get each model's file from its official source into $CSEARCH_HOME, with a progress bar, "
+        "checked against the sha256 (or the publisher's md5) pinned in the registry; written atomically, and "
+        "an interrupted download resumes when rerun. efficientnet_lite0 has no ready-made file: it is built from "
+        "Google's official EfficientNet-Lite0 release (TFLite, converted with tf2onnx) and checked by its outputs "
+        "against the TFLite model; its sha256 is recorded in FILE.json. Files already in place are kept.",
+    )
+    q.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="registered models (`csearch models`); default: the models of the default config",
+    )
+    q.add_argument(
+        "--from",
+        dest="source",
+        metavar="DIR|URL",
+        help="copy from a local folder (or download from an http(s) mirror) holding the same file names, instead "
+        "of the official URLs; still checked (default: $CSEARCH_MODEL_MIRROR)",
+    )
+    q.add_argument("--force", action="store_true", help="fetch again even when the file is already there")
+    q.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print what was fetched as JSON on stdout"
+    )
+    q.set_defaults(func=cmd_models_fetch)
 
-    p = sub.add_parser("demo", help="generate a small demo catalogue, index it and run a few queries")
-    p.add_argument("--out", default="csearch-demo", help="folder for the demo catalogue and index")
+    p = sub.add_parser(
+        "demo",
+        help="generate a small demo catalogue, index it and run a few queries",
+        description="Draw 18 catalogue images of 9 look-alike products, index them with the default models "
+        "(or the model flags below), then search with 9 photo-like variants and show whether each found its "
+        "product. Needs the default models' weights in $CSEARCH_HOME (`csearch models`).",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for the demo catalogue, queries and index (default: a new temporary folder, kept and printed)",
+    )
     add_model_flags(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -20,9 +20,20 @@ from .errors import CSearchError
 log = logging.getLogger("csearch")
 
 
+def nvidia_driver_present() -> bool:
+    """True when this machine exposes an NVIDIA driver (Linux device node, or WSL2's GPU bridge)."""
+    return any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/dxg"))
+
+
 def quiet_frameworks() -> None:
-    """Keep TensorFlow/Keras chatter off stdout and out of the user's way."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Keep TensorFlow/Keras chatter off stdout and out of the user's way. Must run before
+    TensorFlow is imported: its C++ logging reads TF_CPP_MIN_LOG_LEVEL once, at import.
+
+    Without an NVIDIA driver, TensorFlow logs "failed call to cuInit" as an ERROR the first time
+    it looks for a GPU, on every CPU-only machine, so its C++ errors are hidden there too (level 3;
+    real failures still raise Python exceptions). With a driver that line means a broken CUDA
+    setup, so level 2 keeps it. A value the user set is left alone."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if nvidia_driver_present() else "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
@@ -94,7 +105,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--extractor-weights",
         metavar="PATH|imagenet",
-        help="extractor weights file, or 'imagenet' (looked up in $CSEARCH_HOME, then Keras' cache, then downloaded)",
+        help="extractor weights file, or 'imagenet' (looked up in $CSEARCH_HOME, then Keras' cache; "
+        "get it with `csearch models fetch`)",
     )
     group.add_argument(
         "--localizer", choices=allowed_values("localize.method"), help="object localization backend (default u2net)"
@@ -143,8 +155,19 @@ def config_from_args(args: argparse.Namespace):
     return load_config(getattr(args, "config", None), overrides)
 
 
-def report_failures(failures, limit: int = 20) -> None:
+def failure_summary(failures, total: int, listing=None) -> str:
+    """'3 of 120 images could not be indexed; see INDEX_DIR/failures.txt' (one line)."""
+    text = f"{len(failures)} of {total} images could not be indexed"
+    return f"{text}; see {listing}" if listing else text
+
+
+def report_failures(failures, total: Optional[int] = None, listing=None, limit: int = 20) -> None:
+    """Warn about images that could not be indexed: one line pointing to the file that lists
+    them all (`listing`, e.g. INDEX_DIR/failures.txt) when there is one, else the first `limit`."""
     if not failures:
+        return
+    if listing is not None:
+        log.warning("%s", failure_summary(failures, len(failures) if total is None else total, listing))
         return
     log.warning("%d image(s) skipped:", len(failures))
     for path, reason in list(failures)[:limit]:
@@ -160,7 +183,7 @@ def print_result(result, out) -> None:
         iou = "-" if hit.iou is None else f"{hit.iou:.3f}"
         out.write(
             f"{rank:>2}  {hit.id:>6}  {hit.distance:8.4f}  {iou:>5}  {hit.score:7.4f}  "
-            f"{hit.product} ({hit.category})  {hit.path}\n"
+            f"{hit.product} ({hit.category})  {hit.path}{'  (missing)' if hit.missing else ''}\n"
         )
     timings = ", ".join(f"{k} {v:.0f}" for k, v in result.timings_ms.items())
     out.write(f"timings (ms): {timings}\n")

@@ -2,13 +2,20 @@
 
 It draws a small catalogue of look-alike "products" (same shapes, different prints) on white,
 indexes it, then queries with photo-like variants (cluttered background, shifted, rescaled)
-and prints whether each query found its product.
+and prints whether each query found its product. Without --out it works in a new temporary folder,
+which it keeps and names at the end (and removes if the demo fails), so nothing lands in the
+current folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -68,6 +75,21 @@ def write_demo_catalogue(root: Path) -> tuple[Path, list[tuple[Path, str]]]:
     return catalogue, queries
 
 
+@contextlib.contextmanager
+def demo_folder(out: Optional[str] = None) -> Iterator[Path]:
+    """`out`, or a new temporary folder that is kept after a successful demo and removed after a
+    failed one (a half-written folder in /tmp helps nobody)."""
+    if out:
+        yield Path(out).expanduser()
+        return
+    folder = Path(tempfile.mkdtemp(prefix="csearch-demo-"))
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def run_demo(out: Path, config: Config, stdout) -> None:
     from .console import print_result, progress_bar
     from .pipeline import Engine, build_index
@@ -89,4 +111,5 @@ def run_demo(out: Path, config: Config, stdout) -> None:
     stdout.write(
         f"\n{found}/{len(queries)} queries found their product first. Index: {index_dir}\n"
         f"Try: csearch query {index_dir} {queries[0][0]}\n"
+        f"The demo's files are in {out} (kept; delete the folder when done).\n"
     )

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from .config import Config, merge
-from .errors import ModelMismatch
+from .errors import ConfigError, ModelMismatch, unknown_name
 from .indexing import add_records
 from .prepare import Prepared, embed_prepared, prepare_image, vector_dim
 from .preprocess import ImageSource, load_image
-from .resolve import Models, index_config, load_models, verify_files
+from .resolve import Models, index_config, load_models, locate_config, locate_files
 from .types import Hit, Prediction, QueryResult, Record
 
 log = logging.getLogger("csearch")
@@ -34,10 +35,9 @@ class Engine:
         from .store import IndexStore
 
         store = IndexStore.open(index_dir)
-        recorded = store.meta.get("models", [])
-        if verify:
-            verify_files(recorded)
         config = index_config(store.meta)
+        if verify:  # the recorded model files, by sha256, wherever they are now (the index is not rewritten)
+            config = locate_config(config, locate_files(store.meta.get("models", []), store.directory))
         if search_overrides:
             config = merge(config, {f"search.{k}": v for k, v in search_overrides.items() if v is not None})
         models = load_models(config)
@@ -51,6 +51,18 @@ class Engine:
     @property
     def categories(self) -> list[str]:
         return sorted(c for c in self.store.snapshot.category_counts() if c is not None)
+
+    def check_search(self, category: Optional[str] = None, restrict: Optional[bool] = None) -> None:
+        """Refuse what this index cannot answer, before any image is read: a category it does not
+        hold (the error lists those it does), or a restriction to the predicted category without a
+        classifier. The CLI and the HTTP API share this check."""
+        if category is not None and category not in self.categories:
+            raise unknown_name("category", category, self.categories)
+        if restrict and self.models.classifier is None:
+            raise ConfigError(
+                "search.restrict needs an index built with a classifier (csearch index --classifier RUN_DIR); "
+                "this index has none, so every query searches all categories"
+            )
 
     def prepare(self, image: ImageSource) -> Prepared:
         started = time.perf_counter()
@@ -77,10 +89,17 @@ class Engine:
         **search: object,
     ) -> QueryResult:
         """Localize, classify, restricted exact KNN, optional mask re-ranking: the paper's online stage.
-        `k` and the `search` overrides obey the config schema (k 1-100, known re-rankers, ...), so
-        the CLI, the HTTP API and library callers share one set of rules."""
+        `k` and the `search` overrides obey the config schema (k 1-100, known re-rankers, ...), and
+        `check_search` refuses a category the index does not hold and a restriction it cannot make,
+        so the CLI, the HTTP API and library callers share one set of rules."""
         overrides = {f"search.{name}": value for name, value in {**search, "k": k}.items() if value is not None}
         config = merge(self.config, overrides) if overrides else self.config
+        self.check_search(category, config.search.restrict if search.get("restrict") is not None else None)
+        if config.search.mask_size != self.config.search.mask_size:
+            raise ConfigError(
+                f"search.mask_size is fixed by the index (its masks are stored at {self.config.search.mask_size} px); "
+                f"rebuild the index to change it"
+            )
         k = config.search.k
         prepared = self.prepare(image)
         timings = dict(prepared.timings_ms)
@@ -132,6 +151,7 @@ class Engine:
                 distance=float(distance),
                 iou=None if np.isnan(iou) else float(iou),
                 score=float(score),
+                missing=not os.path.isfile(r["path"]),  # the catalogue image has gone: still a hit, marked
             )
             for r, distance, score, iou in zip(
                 snap.records(ranking.rows), ranking.distances, ranking.scores, ranking.ious
@@ -145,6 +165,22 @@ class Engine:
 
     def remove(self, ids: Iterable[int]) -> int:
         return self.store.remove(list(ids))
+
+
+def query_settings(sets: Mapping[str, object], flags: Mapping[str, object]) -> dict:
+    """The search settings of one query, {key of the search section: value}, from `--set
+    search.KEY=VALUE` pairs and explicit flags (which win; None: not given). Judged by the config
+    schema before any index or model is opened; only search.* keys, as the rest is fixed by the index."""
+    fixed = [key for key in sets if not key.startswith("search.")]
+    if fixed:
+        raise ConfigError(
+            f"--set {fixed[0]}: only search.* settings can change at query time; the rest is fixed by the index "
+            f"(rebuild it with `csearch index ... --set {fixed[0]}=...` to change it)"
+        )
+    settings = {key.split(".", 1)[1]: value for key, value in sets.items()}
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    merge(Config(), {f"search.{key}": value for key, value in settings.items()})
+    return settings
 
 
 def searched_categories(

@@ -55,8 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m csearch.evaluate", description="Evaluate a classifier or the retrieval engine."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("classifier", help="Tables 1-2 and Figures 7-8 for one or more classifier runs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = sub.add_parser(
+        "classifier",
+        help="Tables 1-2 and Figures 7-8 for one or more classifier runs",
+        description="Classify every image of --data with each --model and write to --out, per model: accuracy, "
+        "average (per-category) accuracy, the paper's Tables 1-2, Figures 7-8 (training history, confusion "
+        "matrix) and every prediction.",
+    )
     p.add_argument(
         "--model",
         action="append",
@@ -65,16 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a RUN_DIR of python -m csearch.train classifier (repeat to compare)",
     )
     p.add_argument("--data", required=True, metavar="SPEC", help="labelled catalogue to report on")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for classification.json, tables and figures")
     p.add_argument(
         "--runtime",
         "--backend",  # its name before 0.2, kept so existing commands keep working
         dest="runtime",
         default="auto",
         choices=RUNTIMES,
-        help="what runs the model: auto (ONNX when a current export exists), keras or onnx",
+        help="what runs the model: auto (ONNX when a current export exists, else Keras), keras or onnx (default auto)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     p.add_argument("--json", action="store_true", help="print classification.json(s) on stdout")
     p.set_defaults(func=run_classifier, on_interrupt="nothing was written that a rerun would not redo")
     r = sub.add_parser(
@@ -89,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
+    from .config import allowed_values, default_value
+
     parser.add_argument(
         "--gallery",
         metavar="SPEC",
@@ -111,12 +119,24 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument(
         "--restrict", choices=["on", "off"], help="search only the predicted category (needs --classifier; default on)"
     )
-    search.add_argument("--top-n", type=int, help="search the top-n predicted categories (default 1)")
     search.add_argument(
-        "--rerank", help="re-ranking of the top candidates: none | iou | fused | ... (see csearch.search)"
+        "--top-n", type=int, help=f"search the top-n predicted categories (default {default_value('classify.top_n')})"
     )
-    search.add_argument("--rerank-top", type=int, help="how many KNN candidates to re-rank")
-    search.add_argument("--rerank-weight", type=float, help="weight of the shape term (fused methods)")
+    search.add_argument(
+        "--rerank",
+        help=f"re-ranking of the top candidates: {' | '.join(allowed_values('search.rerank'))} "
+        f"(default {default_value('search.rerank')}; docs/config.md)",
+    )
+    search.add_argument(
+        "--rerank-top",
+        type=int,
+        help=f"how many KNN candidates to re-rank (default {default_value('search.rerank_top')})",
+    )
+    search.add_argument(
+        "--rerank-weight",
+        type=float,
+        help=f"weight of the shape term of the fused methods (default {default_value('search.rerank_weight')})",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--ablate", action="store_true", help="also vary every module (ablation.md/.json)")
     run.add_argument("--figures", action="store_true", help="also draw Figures 9, 4 and 6 (figures/*.png)")

@@ -1,5 +1,7 @@
 """Which models a config needs: model names resolved to files (recorded by sha256 in every index),
-the models loaded, and an index's recorded config read back."""
+the models loaded, and an index's recorded config read back. A recorded file is found again by
+its name and sha256 wherever the index and the model folder have moved (`locate_files`), and an
+index carries a copy of its trained classifier (`carry_classifier`)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,16 @@ log = logging.getLogger("csearch")
 
 # what an index written before a config key existed was built with (its meta lacks the key)
 LEGACY_DEFAULTS = {"embed": {"views": "cutout"}, "classify": {"input": "cutout"}}
+# config keys naming model files or folders (embed.extractor only when it is an .onnx file)
+MODEL_PATH_KEYS = (
+    "embed.extractor",
+    "embed.weights",
+    "localize.model",
+    "localize.matting_model",
+    "classify.classifier",
+)
+CARRIED_MODELS = "models"  # INDEX_DIR/models: the trained models an index carries
+CARRIED_CLASSIFIER = Path(CARRIED_MODELS) / "classifier"
 
 
 @dataclass
@@ -53,21 +65,138 @@ def describe_files(files: Iterable[Path]) -> list[dict]:
     return [{"path": str(Path(f).resolve()), "sha256": file_sha256(f)} for f in files]
 
 
-def verify_files(recorded: Sequence[dict]) -> None:
-    """An index is only valid with the exact model files it was built with."""
+def locate_files(recorded: Sequence[dict], index_dir: Optional[Path] = None) -> dict[str, Path]:
+    """Where each model file an index recorded is now: {recorded path: file with its bytes}.
+
+    A file is found by its name and accepted only with the recorded sha256, looked for at the
+    recorded path, then in INDEX_DIR/models (the trained models an index carries), then in
+    $CSEARCH_HOME and Keras' cache. So an index and its model folder can move (or be copied to
+    another machine), while a changed model is still refused."""
     from .models import file_sha256
 
+    found = {}
     for entry in recorded:
-        path = Path(entry["path"])
-        if not path.is_file():
+        path, sha256 = Path(entry["path"]), entry["sha256"]
+        places = _search_places(path, index_dir)
+        others = []
+        for candidate in _candidates(path, places):
+            if file_sha256(candidate) == sha256:
+                found[entry["path"]] = candidate
+                break
+            others.append(candidate)
+        else:
+            looked = ", ".join(str(folder) for folder, _ in places)
+            if others:
+                raise ModelMismatch(
+                    f"model file {path.name} changed since the index was built: {others[0]} has another sha256 "
+                    f"(looked in: {looked}); put back the file the index was built with, or rebuild the index"
+                )
             raise ModelMismatch(
-                f"model file {path} recorded by the index is missing (moved or deleted); "
-                f"put it back or rebuild the index"
+                f"model file {path.name} recorded by the index is missing (looked in: {looked}); put it back "
+                f"(or in $CSEARCH_HOME){_origin_hint(path.name)}, or rebuild the index"
             )
-        if file_sha256(path) != entry["sha256"]:
-            raise ModelMismatch(
-                f"model file {path} changed since the index was built (sha256 differs); rebuild the index"
-            )
+    return found
+
+
+def _origin_hint(file_name: str) -> str:
+    from .models import REGISTRY
+
+    names = [spec.name for spec in REGISTRY.values() if file_name in (spec.weights_file, spec.keras_file)]
+    return f" (`csearch models fetch {names[0]}` gets it)" if names else ""
+
+
+def _search_places(recorded: Path, index_dir: Optional[Path]) -> list[tuple[Path, bool]]:
+    """(folder, searched in depth) in the order a recorded model file is looked for."""
+    from .models import csearch_home, keras_cache_dir
+
+    places = [(recorded.parent, False)]
+    if index_dir is not None:
+        places.append((Path(index_dir) / CARRIED_MODELS, True))
+    return places + [(csearch_home(), False), (keras_cache_dir(), False)]
+
+
+def _candidates(recorded: Path, places: Sequence[tuple[Path, bool]]) -> Iterable[Path]:
+    """The existing files named like `recorded` in `places`, each once."""
+    seen = set()
+    for folder, deep in places:
+        files = sorted(folder.rglob(recorded.name)) if deep and folder.is_dir() else [folder / recorded.name]
+        for file in files:
+            if file.is_file() and file.resolve() not in seen:
+                seen.add(file.resolve())
+                yield file
+
+
+def locate_config(config: Config, found: dict[str, Path]) -> Config:
+    """`config` with every model file (or model folder, e.g. a classifier RUN_DIR) the index
+    recorded replaced by where `locate_files` found it."""
+    changes: dict[str, dict] = {}
+    for key in MODEL_PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        moved = _located(value, found) if value else value
+        if moved != value:
+            changes.setdefault(section, {})[name] = moved
+    sections = {section: replace(getattr(config, section), **values) for section, values in changes.items()}
+    return replace(config, **sections)
+
+
+def _located(value: str, found: dict[str, Path]) -> str:
+    if value in found:
+        return str(found[value])
+    # a model folder: where the files recorded inside it were found (together, or it is refused)
+    folders = {str(found[p].parent) for p in found if Path(p).parent == Path(value)}
+    if len(folders) > 1:
+        raise ModelMismatch(
+            f"the files of {value} were found in different folders ({', '.join(sorted(folders))}); "
+            f"keep them in one folder, or rebuild the index"
+        )
+    return folders.pop() if folders else value
+
+
+def build_identity(meta: dict) -> tuple:
+    """What makes two index builds the same: the settings (model locations aside) and the
+    sha256 of every model file. A build resumes only into an index with the same identity."""
+    config = index_config(meta).to_dict()
+    for key in MODEL_PATH_KEYS:
+        section, name = key.split(".")
+        value = config[section][name]
+        if value and (key != "embed.extractor" or value.endswith(".onnx")):
+            config[section][name] = "<file>"
+    return config, sorted(entry["sha256"] for entry in meta.get("models", []))
+
+
+def carried_classifier(index_dir: str | Path) -> Path:
+    """Where an index keeps the copy of its trained classifier: INDEX_DIR/models/classifier."""
+    return (Path(index_dir) / CARRIED_CLASSIFIER).resolve()
+
+
+def carry_classifier(run_dir: str | Path, classifier, index_dir: str | Path) -> Path:
+    """Copy a trained classifier's files from its RUN_DIR into `carried_classifier(index_dir)`,
+    each atomically and only if not there already, so the index carries it. The copy holds what
+    `Classifier.load` reads: the model file it runs, classes.json, config.yaml and, for an ONNX
+    model, export.json (which says the ONNX file is current). Returns the copy's folder."""
+    from .classify import CONFIG_FILE, EXPORT_FILE
+    from .models import file_sha256
+    from .store.durable import fsync_dir, write_bytes_atomic
+
+    source, target = Path(run_dir), carried_classifier(index_dir)
+    if source.resolve() == target:
+        return target
+    names = [Path(f).name for f in classifier.files] + [CONFIG_FILE]
+    if getattr(classifier, "runtime", None) == "onnx" and (source / EXPORT_FILE).is_file():
+        names.append(EXPORT_FILE)
+    for folder in (target.parent, target):
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(folder.parent)
+    for stale in target.iterdir():  # e.g. an older model.keras, which Classifier.load would prefer
+        if stale.name not in names and stale.is_file():
+            stale.unlink()
+    for name in names:
+        copy = target / name
+        if not (copy.is_file() and file_sha256(copy) == file_sha256(source / name)):
+            write_bytes_atomic(copy, (source / name).read_bytes())
+    return target
 
 
 def index_config(meta: dict) -> Config:

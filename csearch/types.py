@@ -48,7 +48,8 @@ class Prediction:
 @dataclass(frozen=True)
 class Hit:
     """One search result. `distance` is Euclidean (not squared); `score` is the final ranking
-    key, higher is better; `iou` is None when masks were not compared."""
+    key, higher is better; `iou` is None when masks were not compared; `missing` is True when
+    the catalogue image at `path` has gone since it was indexed (the hit is still returned)."""
 
     id: int
     path: str
@@ -57,6 +58,7 @@ class Hit:
     distance: float
     iou: Optional[float]
     score: float
+    missing: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -67,6 +69,7 @@ class Hit:
             "distance": float(self.distance),
             "iou": None if self.iou is None else float(self.iou),
             "score": float(self.score),
+            "missing": bool(self.missing),
         }
 
 

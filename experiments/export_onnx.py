@@ -1,5 +1,11 @@
 """Export the official U²-Net / U²-Net-p and FBA Matting PyTorch checkpoints to ONNX.
 
+Not needed for U²-Net(-p): `csearch models fetch u2netp` (or `u2net`) downloads rembg's ONNX
+export of the authors' weights, checked against its pinned digest. This script is for FBA
+Matting (published only as a PyTorch checkpoint, under a non-commercial licence) and for
+re-exporting U²-Net at other sizes. EfficientNet-Lite0, the default extractor, is built by
+`csearch models fetch efficientnet_lite0` from Google's release (`csearch/models/convert.py`).
+
 Needs `torch` and a checkout of the authors' code (neither is a csearch dependency; this script
 is not run in CI). The exported files have the interfaces `csearch.localize` validates:
 
@@ -16,11 +22,12 @@ Usage:
     python experiments/export_onnx.py u2netp --repo U-2-Net --checkpoint u2netp.pth --out u2netp.onnx
     python experiments/export_onnx.py u2net  --repo U-2-Net --checkpoint u2net.pth  --out u2net.onnx
     git clone https://github.com/MarcoForte/FBA_Matting     # weights: non-commercial licence
-    python experiments/export_onnx.py fba --repo FBA_Matting --checkpoint FBA.pth --out fba.onnx
+    python experiments/export_onnx.py fba --repo FBA_Matting --checkpoint FBA.pth --out fba_matting.onnx
 
-Then put the files where `csearch models` says (or pass them as localize.model /
-localize.matting_model). Each export is checked: ONNX Runtime must reproduce the PyTorch output
-(max abs difference printed) and csearch's loader must accept the file.
+Then install them with `csearch models fetch fba --from DIR` (DIR: the folder holding
+fba_matting.onnx), or pass them as localize.model / localize.matting_model. Each export is
+checked: ONNX Runtime must reproduce the PyTorch output (max abs difference printed) and
+csearch's loader must accept the file.
 """
 
 from __future__ import annotations
@@ -128,7 +135,7 @@ def check_interface(kind: str, out: Path, size: int) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Export U²-Net / U²-Net-p / FBA checkpoints to ONNX (needs torch and the authors' code).",
-        epilog=__doc__.split("Usage:")[1].split("Then put")[0],
+        epilog=__doc__.split("Usage:")[1].split("Then install")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", choices=["u2netp", "u2net", "fba"], help="which network the checkpoint is")

@@ -62,6 +62,14 @@ def test_registry_roles_and_dims():
         assert spec.weights_file and spec.source and spec.preprocessing in models.PREPROCESSING
         if spec.is_keras:
             assert spec.keras_url.startswith(models.KERAS_URL) and spec.keras_url.endswith(spec.keras_file)
+            assert spec.download_url == spec.keras_url
+        # every model says where its file comes from: an official URL, or why there is none
+        assert spec.download_url or spec.source.startswith("no download"), spec.name
+    from csearch.models.convert import CONVERTERS
+
+    lite0 = models.get_spec("efficientnet_lite0")
+    assert lite0.converter in CONVERTERS and lite0.url.endswith("/efficientnet/lite/efficientnet-lite0.tar.gz")
+    assert models.get_spec("u2netp").url == "https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2netp.onnx"
 
 
 def test_unknown_name_lists_valid_names():
@@ -248,6 +256,10 @@ def test_resolve_finds_csearch_home_then_keras_cache(tmp_path, offline_home):
     keras_file.write_bytes(b"x")
     assert models.resolve_weights("resnet50", "imagenet") == keras_file.resolve()
     assert models.find_weights("resnet101v2") is None
+    # Keras' own file name in $CSEARCH_HOME (what `csearch models fetch mobilenetv2` saves) counts too
+    fetched = offline_home / models.get_spec("mobilenetv2").keras_file
+    fetched.write_bytes(b"x")
+    assert models.resolve_weights("mobilenetv2", "imagenet") == fetched.resolve()
 
 
 def test_csearch_home_default(monkeypatch):
@@ -255,39 +267,33 @@ def test_csearch_home_default(monkeypatch):
     assert models.csearch_home() == Path.home() / ".cache" / "csearch"
 
 
-def test_missing_onnx_file_names_it_and_never_downloads(offline_home):
+def test_missing_onnx_file_names_it_and_the_fetch_command(offline_home):
     with pytest.raises(errors.WeightsNotFound) as info:
         models.resolve_weights("u2netp", "imagenet")
     message = str(info.value)
-    assert "u2netp.onnx" in message and str(offline_home) in message and "rembg" in message
-    with pytest.raises(errors.WeightsNotFound, match=r"efficientnet_lite0_imagenet\.onnx"):
+    assert "u2netp.onnx" in message and str(offline_home) in message and "\n" not in message
+    assert "`csearch models fetch u2netp` (downloads https://github.com/danielgatis/rembg/" in message
+    with pytest.raises(errors.WeightsNotFound, match=r"efficientnet_lite0_imagenet\.onnx.*csearch models fetch eff"):
         models.load_extractor("efficientnet_lite0")
+    with pytest.raises(errors.WeightsNotFound, match="`csearch models fetch fba --from DIR`"):
+        models.resolve_weights("fba")
 
 
-def test_failed_download_is_one_line_weights_not_found(offline_home, monkeypatch):
-    """weights="imagenet" with nothing cached goes to Keras' download (official URL + hash);
-    any failure there becomes one WeightsNotFound line naming the file and the folder."""
-    import keras
-
-    calls = []
-
-    def offline(fname, origin, **kwargs):
-        calls.append((fname, origin, kwargs))
-        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -2] Name or service not known\nmore")
-
-    monkeypatch.setattr(keras.utils, "get_file", offline)
+def test_imagenet_weights_never_download(offline_home, tmp_path):
+    """Library constructors only look files up (offline_home fails any Keras download): a
+    missing Keras backbone file is one WeightsNotFound line naming the file, both places looked
+    in and the command that gets it."""
     with pytest.raises(errors.WeightsNotFound) as info:
         models.resolve_weights("resnet50", "imagenet")
     message = str(info.value)
-    assert "\n" not in message
-    assert message.startswith(
-        "resnet50: ImageNet weights not found. Put resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    )
-    assert str(offline_home) in message and "Name or service not known" in message
     spec = models.get_spec("resnet50")
-    assert calls == [(spec.keras_file, spec.keras_url, {"cache_subdir": "models", "file_hash": spec.keras_hash})]
-    with pytest.raises(errors.WeightsNotFound, match=f"mobilenet: .*Put {MOBILENET_FILE} in"):
+    assert "\n" not in message
+    assert message.startswith(f"resnet50: model file {spec.weights_file} not found in {offline_home} or Keras' cache")
+    assert f"`csearch models fetch resnet50` (downloads {spec.keras_url})" in message
+    with pytest.raises(errors.WeightsNotFound, match=f"mobilenet: model file {MOBILENET_FILE} not found"):
         models.build_backbone("mobilenet")  # the default is weights="imagenet"
+    with pytest.raises(errors.WeightsNotFound, match="nope.h5 .*`csearch models fetch resnet50`"):
+        models.resolve_weights("resnet50", tmp_path / "nope.h5")
 
 
 def test_file_sha256_is_cached_by_size_and_mtime(tmp_path):
@@ -313,6 +319,8 @@ def test_describe_models(offline_home):
     assert rows["mobilenet"]["found"] is None and rows["mobilenet"]["weights_file"] == MOBILENET_FILE
     assert rows["mobilenet"]["put_in"] == str(offline_home)
     assert {"role", "dim", "input_size", "source", "description"} <= set(rows["resnet50"])
+    assert rows["u2netp"]["fetch"] is None and rows["u2netp"]["url"] == models.get_spec("u2netp").url
+    assert rows["mobilenet"]["fetch"].startswith("`csearch models fetch mobilenet` (downloads https://")
 
 
 # ---------------------------------------------------------------------------------- ONNX

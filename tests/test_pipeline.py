@@ -51,9 +51,20 @@ def test_k_beyond_the_index_returns_what_exists(built):
     assert len(Engine.open(index).query(catalogue.records[0].path, k=100).hits) == 12
 
 
-@pytest.mark.parametrize("settings", [{"k": 0}, {"k": 1000}, {"rerank": "ioux"}, {"rerank_top": 0}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"k": 0},
+        {"k": 1000},
+        {"rerank": "ioux"},
+        {"rerank_top": 0},
+        {"category": "Nope"},  # not in the index: the error lists its categories
+        {"restrict": True},  # the index has no classifier
+        {"mask_size": 32},  # fixed by the index
+    ],
+)
 def test_query_settings_obey_the_config_schema(built, settings):
-    # the library, the CLI and the HTTP API share one set of rules (csearch.config)
+    # the library, the CLI and the HTTP API share one set of rules (csearch.config, Engine.check_search)
     catalogue, _, index = built
     with pytest.raises(ConfigError):
         Engine.open(index).query(catalogue.records[0].path, **settings)
@@ -93,7 +104,7 @@ def test_interrupted_index_resumes(tmp_path, tiny_catalogue, tiny_config, monkey
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_index(catalogue, tiny_config, tmp_path / "idx", progress=interrupt_after_two_chunks)
+        build_index(catalogue, tiny_config, tmp_path / "idx", on_commit=interrupt_after_two_chunks)
     partial = Engine.open(tmp_path / "idx")
     assert len(partial.store) == 8 and partial.store.meta["complete"] is False
     report = build_index(catalogue, tiny_config, tmp_path / "idx")

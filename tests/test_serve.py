@@ -8,11 +8,13 @@ import asyncio
 import base64
 import contextlib
 import io
+import re
 import shutil
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import numpy as np
@@ -302,7 +304,9 @@ def test_add_validates_before_touching_the_disk(writable_client, writable_index)
 
 
 def test_health_stats_and_openapi(client):
-    assert client.get("/health").json()["status"] == "ok"
+    health = client.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["classifier"] is False and health["writes"] == "open"  # no key, not read-only
     stats = client.get("/stats").json()
     assert stats["items"] == 12
     assert stats["categories"] == {"bottle": 6, "jar": 6}
@@ -316,6 +320,13 @@ def test_health_stats_and_openapi(client):
     routes = {"/search", "/items", "/items/{item_id}", "/items/{item_id}/image", "/health", "/stats"}
     assert routes <= spec["paths"].keys()
     assert "multipart/form-data" in spec["paths"]["/search"]["post"]["requestBody"]["content"]
+    # the two writes document the key (either header) and their 401/403; reads need nothing
+    for path, method in (("/items", "post"), ("/items/{item_id}", "delete")):
+        operation = spec["paths"][path][method]
+        assert {name for need in operation["security"] for name in need} == {"HTTPBearer", "APIKeyHeader"}
+        assert {"401", "403"} <= operation["responses"].keys()
+    assert "security" not in spec["paths"]["/search"]["post"]
+    assert "security" not in spec["paths"]["/items/{item_id}"]["get"]
 
 
 def test_page_and_static_files(client):
@@ -325,6 +336,25 @@ def test_page_and_static_files(client):
     assert client.get("/static/app.js").status_code == 200
     assert client.get("/static/style.css").status_code == 200
     assert client.get("/static/../__init__.py").status_code == 404
+    favicon = client.get("/favicon.ico")
+    assert favicon.status_code == 200 and favicon.headers["content-type"].startswith("image/svg+xml")
+    assert 'rel="icon" href="/static/favicon.svg"' in page.text
+
+
+def test_docs_are_served_without_a_cdn(client):
+    """FastAPI's Swagger UI loads from a CDN (a blank page offline): /docs is the package's own
+    page over /openapi.json (rendered in the browser test), and no static file names another host."""
+    from csearch.serve.app import STATIC_DIR
+
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in docs.headers["content-security-policy"]
+    assert '<script src="/static/docs.js"' in docs.text
+    assert client.get("/static/docs.js").status_code == 200
+    assert client.get("/redoc").status_code == 404  # ReDoc also needs a CDN: not offered
+    for path in STATIC_DIR.iterdir():
+        urls = set(re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s\"'<>)]*", path.read_text()))
+        assert urls <= {"http://www.w3.org/2000/svg"}, (path.name, urls)  # an XML namespace, never fetched
 
 
 # ----------------------------------------------------------------------------- workers and overload
@@ -530,8 +560,169 @@ def test_predicted_category_restricts_unless_switched_off(tiny_index):
     app = create_app(Engine(opened.store, opened.config, models), workers=1)
     bottle = next(p for p, category, _ in catalogue_images(tiny_index) if category == "bottle")
     with TestClient(app) as http:
+        assert http.get("/health").json()["classifier"] is True  # the page then offers "predicted"
         restricted = search(http, bottle.read_bytes(), k=5).json()
         assert restricted["category"] == "jar"
         assert {r["category"] for r in restricted["results"]} == {"jar"}
         everywhere = search(http, bottle.read_bytes(), k=5, restrict="false").json()
         assert everywhere["results"][0]["category"] == "bottle"
+
+
+# ----------------------------------------------------------------------------- write access
+
+KEY = "k3y-For-Tests_0123456789"
+
+
+def add_item(http, headers=None, data: Optional[bytes] = None):
+    return http.post(
+        "/items",
+        files={"file": ("x.png", data or new_product_image(seed=7), "image/png")},
+        data={"product": "guarded", "category": "ball"},
+        headers=headers or {},
+    )
+
+
+def test_writes_need_the_api_key_reads_stay_open(writable_index, tiny_index):
+    from csearch.serve import create_app
+    from csearch.serve.limits import DEFAULT_MAX_UPLOAD_BYTES
+
+    photo = catalogue_images(tiny_index)[0][0].read_bytes()
+    with TestClient(create_app(open_engine(writable_index), workers=1, api_key=KEY)) as http:
+        assert http.get("/health").json()["writes"] == "api_key"
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": KEY[:-1]}, {"Authorization": KEY}):
+            refused = add_item(http, headers)
+            assert refused.status_code == 401, (headers, refused.text)
+            assert refused.json()["type"] == "unauthorized" and "API key" in refused.json()["error"]
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+            assert http.delete("/items/0", headers=headers).status_code == 401
+        # refused before the body is read: an unauthorised oversized upload is 401, not 413
+        assert add_item(http, data=bytes(DEFAULT_MAX_UPLOAD_BYTES + 1)).status_code == 401
+        assert http.get("/health").json()["items"] == 12 and not (writable_index / "uploads").exists()
+
+        added = add_item(http, {"Authorization": f"Bearer {KEY}"})
+        assert added.status_code == 201, added.text
+        assert http.delete(f"/items/{added.json()['id']}", headers={"X-API-Key": KEY}).status_code == 200
+        # reads need no key
+        assert search(http, photo, k=1).status_code == 200
+        assert http.get("/items/0").status_code == 200 and http.get("/items/0/thumbnail").status_code == 200
+        assert http.get("/stats").status_code == 200 and http.get("/openapi.json").status_code == 200
+
+
+def test_read_only_refuses_every_write_with_403(writable_index, tiny_index):
+    from csearch.serve import create_app
+
+    with TestClient(create_app(open_engine(writable_index), workers=1, api_key=KEY, read_only=True)) as http:
+        assert http.get("/health").json()["writes"] == "read_only"
+        for response in (add_item(http, {"X-API-Key": KEY}), http.delete("/items/0", headers={"X-API-Key": KEY})):
+            assert response.status_code == 403 and response.json()["type"] == "read_only"
+            assert "read-only" in response.json()["error"]
+        assert search(http, catalogue_images(tiny_index)[0][0].read_bytes(), k=1).status_code == 200
+    assert len(open_engine(writable_index).store.snapshot) == 12
+
+
+def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path):
+    from csearch.errors import ConfigError
+    from csearch.serve.auth import API_KEY_ENV, is_loopback, load_api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text(f"  {KEY}\n")
+    assert load_api_key(None, {}) is None
+    assert load_api_key(None, {API_KEY_ENV: f"{KEY}\n"}) == KEY
+    assert load_api_key(str(key_file), {}) == KEY
+    assert load_api_key(str(key_file), {API_KEY_ENV: "other"}) == KEY  # the flag wins over the environment
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "spaced").write_text("two words")
+    bad = [
+        (str(tmp_path / "empty"), {}, "empty"),
+        (str(tmp_path / "missing"), {}, "cannot read"),
+        (str(tmp_path), {}, "cannot read"),  # a folder
+        (str(tmp_path / "spaced"), {}, "printable ASCII"),
+        (None, {API_KEY_ENV: " "}, "empty"),
+    ]
+    for key_file_arg, environ, message in bad:
+        with pytest.raises(ConfigError, match=message) as caught:
+            load_api_key(key_file_arg, environ)
+        assert "\n" not in str(caught.value)
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "LOCALHOST"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.2", "example.com", ""))
+
+
+@pytest.fixture
+def captured_server(monkeypatch):
+    """`csearch serve` up to the point where it would bind: uvicorn.run records the app instead."""
+    import uvicorn
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.update(app=app, **options))
+    monkeypatch.delenv("CSEARCH_API_KEY", raising=False)
+    return started
+
+
+def test_serve_refuses_open_writes_on_a_public_host_before_loading(captured_server, monkeypatch, capsys, tmp_path):
+    from csearch.cli import main
+    from csearch.pipeline import Engine
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the index was opened before the host was checked")
+
+    monkeypatch.setattr(Engine, "open", classmethod(no_loading))
+    (tmp_path / "empty-key").write_text("")
+    refusals = [
+        (["--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines"),
+        (["--host", "192.168.1.20", "--port", "8123"], "CSEARCH_API_KEY"),
+        (["--api-key-file", str(tmp_path / "missing")], "cannot read"),
+        (["--api-key-file", str(tmp_path / "empty-key"), "--host", "0.0.0.0"], "empty"),
+        (["--max-upload-mb", "0"], "MiB"),
+    ]
+    for flags, message in refusals:
+        assert main(["serve", str(tmp_path / "index"), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("csearch: error:")]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not captured_server  # never reached uvicorn
+
+
+def test_serve_flags_reach_the_app(captured_server, writable_index, tmp_path, monkeypatch, caplog):
+    from csearch.cli import main
+
+    caplog.set_level("INFO", logger="csearch")
+    assert main(["serve", str(writable_index), "--workers", "1"]) == 0  # loopback, no key: open writes, said so
+    assert captured_server["host"] == "127.0.0.1" and "open to anyone on this machine" in caplog.text
+    with TestClient(captured_server["app"]) as http:
+        assert http.get("/health").json()["writes"] == "open"
+        # open writes, but not for another web site's page (a multipart POST needs no CORS preflight)
+        for origin in ("http://evil.example", "null"):
+            refused = add_item(http, {"Origin": origin})
+            assert refused.status_code == 403 and refused.json()["type"] == "cross_origin"
+        assert add_item(http, {"Origin": "http://testserver"}).status_code == 201  # the page's own origin
+
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    public = ["--host", "0.0.0.0", "--workers", "1", "--max-upload-mb", "0.5"]
+    assert main(["serve", str(writable_index), *public, "--api-key-file", str(key_file)]) == 0
+    with TestClient(captured_server["app"]) as http:
+        assert add_item(http).status_code == 401
+        assert add_item(http, {"Authorization": f"Bearer {KEY}"}).status_code == 201
+        assert http.get("/stats").json()["service"]["max_upload_bytes"] == 2**19  # MiB, as the help says
+
+    monkeypatch.setenv("CSEARCH_API_KEY", "from-the-environment")
+    assert main(["serve", str(writable_index), *public]) == 0
+    with TestClient(captured_server["app"]) as http:
+        assert add_item(http, {"X-API-Key": KEY}).status_code == 401
+        assert add_item(http, {"X-API-Key": "from-the-environment"}).status_code == 201
+
+    monkeypatch.delenv("CSEARCH_API_KEY")
+    assert main(["serve", str(writable_index), *public, "--read-only"]) == 0
+    with TestClient(captured_server["app"]) as http:
+        assert add_item(http).status_code == 403
+
+
+def test_serve_help_says_mib_and_never_takes_a_key_on_the_command_line(capsys):
+    from csearch.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "upload size limit in MiB (default 10)" in text and " MB" not in text
+    assert "--api-key-file" in text and "--read-only" in text and "(default 8000)" in text
+    assert "--api-key " not in text and "--api-key=" not in text

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_serve import REPO_ROOT, build_tiny_index, catalogue_images, open_engine, serve_in_thread
+from test_serve import REPO_ROOT, AlwaysJar, build_tiny_index, catalogue_images, open_engine, serve_in_thread
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -39,6 +39,44 @@ def site(tmp_path_factory):
     index_dir = build_tiny_index(tmp_path_factory.mktemp("browser") / "tiny")
     with serve_in_thread(create_app(open_engine(index_dir), workers=1)) as base:
         yield base, index_dir
+
+
+LONG_NAME = "Organic extra-virgin cold-pressed olive oil with rosemary, garlic and chili, family size " * 2
+
+
+@pytest.fixture(scope="module")
+def site_with_classifier(site, tmp_path_factory):
+    """A copy of the tiny index with a classifier (always 'jar') and one product name far longer
+    than the others, served read-only."""
+    from csearch.pipeline import Engine, Models
+    from csearch.serve import create_app
+    from csearch.types import Record
+
+    _, index_dir = site
+    copy = Path(shutil.copytree(index_dir, tmp_path_factory.mktemp("browser-classifier") / "index"))
+    opened = open_engine(copy)
+    jar, _, _ = next(image for image in catalogue_images(index_dir) if image[1] == "jar")
+    ids, _ = opened.add([Record(str(jar), "jar", LONG_NAME)], workers=1)
+    assert len(ids) == 1
+    models = Models(opened.models.localizer, opened.models.extractor, AlwaysJar())
+    app = create_app(Engine(opened.store, opened.config, models), workers=1, read_only=True)
+    with serve_in_thread(app) as base:
+        yield base, jar
+
+
+def watch_requests(page, base: str) -> dict:
+    """Every request leaving `base` is blocked and recorded, and every answer of 400 or more."""
+    seen = {"external": [], "failed": []}
+
+    def route(route):
+        if route.request.url.startswith(base) or route.request.url.startswith(("data:", "blob:")):
+            return route.continue_()
+        seen["external"].append(route.request.url)
+        return route.abort()
+
+    page.route("**/*", route)
+    page.on("response", lambda r: seen["failed"].append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +114,7 @@ def test_pick_a_photo_see_matches_and_compare_masks(site, page):
     page.goto(base + "/")
     page.wait_for_function("document.querySelectorAll('#category option').length > 1")  # stats loaded
     assert "12 catalogue images" in page.text_content("#index-info")
+    assert page.locator("#category option").first.text_content() == "all categories"  # nothing predicts
     page.select_option("#k", "5")
     page.select_option("#rerank", "iou")
     page.set_input_files("#file", str(photo))
@@ -127,7 +166,78 @@ def test_drop_a_photo_and_see_errors_in_the_page(site, page):
     assert metas and all(m.startswith(category) for m in metas)
     assert page.text_content("#predicted") == category
 
+    page.wait_for_function("() => document.querySelector('#timings').textContent.includes('server time')")
+    assert page.locator("#query").is_visible()
+
     page.evaluate(drop, ["notes.txt", "text/plain", base64.b64encode(b"not a photo").decode()])
     page.wait_for_selector("#status.error")
     assert "not an image" in page.text_content("#status")
+    # only the error: no stale panel of the previous search, no broken image of the upload
     assert page.locator("#results .card").count() == 0
+    assert page.locator("#query").is_hidden() and page.locator("#results-title").is_hidden()
+    assert not page.get_by_text("Category:").is_visible()
+    assert page.text_content("#timings") == "" and page.text_content("#predicted") == ""
+    shown = "() => [...document.images].filter(i => i.getAttribute('src') && i.getClientRects().length).length"
+    assert page.evaluate(shown) == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-error.png"))
+
+
+def test_cards_have_one_height_and_the_category_says_predicted(site_with_classifier, page):
+    base, jar = site_with_classifier
+    requests = watch_requests(page, base)
+    page.goto(base + "/")
+    page.wait_for_function("() => document.querySelector('#category option').textContent === 'predicted'")
+    page.set_input_files("#file", str(jar))
+    page.wait_for_selector("#results .card")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    assert page.text_content("#predicted") == "jar"
+    products = page.locator("#results .card .product")
+    names = products.all_text_contents()
+    assert LONG_NAME in names and any(len(name) < 20 for name in names)
+    heights = {round(box["height"], 1) for box in (c.bounding_box() for c in page.locator("#results .card").all())}
+    assert len(heights) == 1, heights  # one height, whatever the name's length
+    long_name = products.nth(names.index(LONG_NAME))
+    line = float(long_name.evaluate("e => parseFloat(getComputedStyle(e).lineHeight)"))
+    assert long_name.bounding_box()["height"] <= 2 * line + 1  # clamped to two lines
+    assert long_name.get_attribute("title") == LONG_NAME  # the whole name on hover
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-cards.png"), full_page=True)
+    assert not requests["external"] and not requests["failed"], requests
+
+
+def test_the_page_has_a_favicon(site, page):
+    base, _ = site
+    requests = watch_requests(page, base)
+    page.goto(base + "/")
+    page.wait_for_function("() => document.querySelectorAll('#category option').length > 1")
+    icon = page.locator("link[rel=icon]").get_attribute("href")
+    answer = page.request.get(base + icon)
+    assert answer.status == 200 and answer.headers["content-type"].startswith("image/svg+xml")
+    assert page.request.get(base + "/favicon.ico").status == 200
+    assert not requests["external"] and not requests["failed"], requests
+
+
+def test_docs_show_every_endpoint_offline(site, page):
+    base, _ = site
+    requests = watch_requests(page, base)
+    page.goto(base + "/docs")
+    page.wait_for_selector("#endpoints .endpoint")
+    shown = {(s.get_attribute("data-method"), s.get_attribute("data-path")) for s in page.locator(".endpoint").all()}
+    spec = page.request.get(base + "/openapi.json").json()
+    documented = {(method.upper(), path) for path, operations in spec["paths"].items() for method in operations}
+    assert shown == documented and ("DELETE", "/items/{item_id}") in shown
+    search = page.locator(".endpoint[data-method=POST][data-path='/search']")
+    assert search.locator(".auth").count() == 0
+    rows = search.locator("table").first.locator("tr").all_text_contents()
+    assert any(row.startswith("k") and "form" in row and "1–100" in row for row in rows), rows
+    assert any(row.startswith("fileformfileyes") for row in rows), rows  # the upload is a file, required
+    assert "422" in search.text_content() and "503" in search.text_content()
+    add = page.locator(".endpoint[data-method=POST][data-path='/items']")
+    assert add.locator(".auth").text_content() == "API key" and "401" in add.text_content()
+    assert "X-API-Key" in page.text_content("#auth") and "Bearer" in page.text_content("#auth")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-docs.png"), full_page=True)
+    assert not requests["external"] and not requests["failed"], requests

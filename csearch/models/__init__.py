@@ -1,7 +1,8 @@
 """Models: the registry, weights files, preprocessing, extractors and ONNX Runtime sessions.
 
     registry         ModelSpec, REGISTRY, names(role), get_spec: what each model is
-    weights          resolve_weights / find_weights ($CSEARCH_HOME, Keras' cache, download), file_sha256
+    weights          resolve_weights / find_weights ($CSEARCH_HOME, Keras' cache; never downloads), file_sha256
+    fetch, convert   `csearch models fetch`: downloads (resumable, sha256-checked) and the EfficientNet-Lite0 conversion
     preprocessing    the per-model input scaling table and its numpy version
     onnx_runtime     the one place building onnxruntime sessions, plus ONNX graph helpers
     base             the Extractor protocol and the batch check all extractors share

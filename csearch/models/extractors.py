@@ -153,8 +153,7 @@ def _load_exported(path: Path, weights: WeightsArg, image_size: Optional[int]) -
 def load_extractor(name: str, weights: WeightsArg = "imagenet", image_size: Optional[int] = None) -> Extractor:
     """A registered extractor (Keras backbone or ONNX), or an `.onnx` file from `csearch export`.
 
-    Resolving weights may download (Keras backbones with weights="imagenet" not cached yet);
-    nothing else does.
+    Nothing is downloaded: missing weights are a WeightsNotFound naming `csearch models fetch`.
     """
     if str(name).endswith(".onnx") or (name not in REGISTRY and Path(name).is_file()):
         path = Path(name).expanduser()

@@ -27,6 +27,8 @@ BACKBONE_LAYER = "backbone"  # model.get_layer(BACKBONE_LAYER): the keras.applic
 PREPROCESS_LAYER = "preprocess"  # model.get_layer(PREPROCESS_LAYER): the [0, 255] -> model range step
 PRETRAINED = ("imagenet", "default")  # weights values meaning "the registered pretrained file"
 KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+REMBG_URL = "https://github.com/danielgatis/rembg/releases/download/v0.0.0/"  # rembg's ONNX exports of U²-Net
+LITE_URL = "https://storage.googleapis.com/cloud-tpu-checkpoints/efficientnet/lite/"  # tensorflow/tpu's release
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,12 @@ class ModelSpec:
     preprocessing: str  # a preprocessing.PREPROCESSING key: how RGB [0, 255] becomes the model's input
     weights_file: str  # the file name looked up in $CSEARCH_HOME
     description: str
-    source: str  # how to get the file (URL or instructions), shown in WeightsNotFound
-    sha256: Optional[str] = None  # of weights_file, where known
+    source: str  # where the file comes from (publisher, licence, or how to make it), shown by `csearch models`
+    sha256: Optional[str] = None  # of weights_file, where known (`csearch models fetch` checks it)
+    url: Optional[str] = None  # official download of weights_file or, with `converter`, of what it is built from
+    url_md5: Optional[str] = None  # the publisher's md5 of that download, where no sha256 is pinned (rembg)
+    converter: Optional[str] = None  # a models.convert.CONVERTERS key: builds weights_file from the download
+    archive_member: Optional[str] = None  # the file inside the downloaded archive that the converter reads
     builder: Optional[str] = None  # keras.applications constructor name (backbones)
     builder_kwargs: tuple = ()  # extra constructor arguments as (key, value) pairs
     keras_file: Optional[str] = None  # the no-top file name keras.applications caches/downloads
@@ -60,6 +66,11 @@ class ModelSpec:
     def keras_url(self) -> Optional[str]:
         return f"{KERAS_URL}{self.keras_dir}/{self.keras_file}" if self.keras_file else None
 
+    @property
+    def download_url(self) -> Optional[str]:
+        """What `csearch models fetch` downloads: `url`, else (Keras backbones) Keras' own file."""
+        return self.url or self.keras_url
+
 
 REGISTRY: dict[str, ModelSpec] = {}
 
@@ -75,7 +86,7 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-_RESNET_NOTE = "ImageNet weights via Keras' own download (~/.keras/models)"
+_KERAS_NOTE = 'ImageNet weights from Keras Applications (the file `weights="imagenet"` downloads)'
 
 register(
     ModelSpec(
@@ -90,7 +101,7 @@ register(
         keras_dir="resnet",
         keras_hash="4d473c1dd8becc155b73f8504c6f6626",
         description="ResNet50 (the paper's extractor), 2048-d average-pooled",
-        source=_RESNET_NOTE,
+        source=_KERAS_NOTE,
     )
 )
 register(
@@ -106,7 +117,7 @@ register(
         keras_dir="resnet",
         keras_hash="c0ed64b8031c3730f411d2eb4eea35b5",
         description="ResNet101V2, 2048-d average-pooled",
-        source=_RESNET_NOTE,
+        source=_KERAS_NOTE,
     )
 )
 register(
@@ -123,7 +134,7 @@ register(
         keras_dir="efficientnet_v2",
         keras_hash="b0b66b5c863aef5b46e8608fe1711615",
         description="EfficientNetV2-L (normalises inside), 1280-d average-pooled; native 480 px",
-        source=_RESNET_NOTE,
+        source=_KERAS_NOTE,
     )
 )
 register(
@@ -139,7 +150,7 @@ register(
         keras_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
         keras_dir="mobilenet_v2",
         description="MobileNetV2 1.0, 1280-d average-pooled (keep training=False: see README)",
-        source="Keras' own download, or the Keras 3 weights file of MobileNetV2(alpha=1.0)",
+        source=f"{_KERAS_NOTE}, or the Keras 3 weights file of MobileNetV2(alpha=1.0)",
     )
 )
 register(
@@ -155,7 +166,7 @@ register(
         keras_file="mobilenet_1_0_224_tf_no_top.h5",
         keras_dir="mobilenet",
         description="MobileNetV1 1.0, 1024-d average-pooled",
-        source="Keras' own download, or the Keras 3 weights file of MobileNet(alpha=1.0)",
+        source=f"{_KERAS_NOTE}, or the Keras 3 weights file of MobileNet(alpha=1.0)",
     )
 )
 register(
@@ -171,10 +182,13 @@ register(
         onnx_inputs=("input",),
         onnx_outputs=("features",),
         description="EfficientNet-Lite0 (ONNX), 1280-d pooled",
-        source="export an ImageNet EfficientNet-Lite0 (e.g. timm's tf_efficientnet_lite0) to ONNX with input "
-        "'input' float32 [1,3,224,224] ((x-127)/128, RGB) and output 'features' [1,1280] (the pooled "
-        "features); or use --extractor mobilenetv2, whose weights Keras downloads itself (slightly "
-        "lower Recall@1, docs/results/retrieval.md)",
+        source="Google's official EfficientNet-Lite0 release (tensorflow/tpu, Apache-2.0): its fp32 TFLite file, "
+        "converted to ONNX by `csearch models fetch` (needs tf2onnx) and checked against the TFLite interpreter",
+        # sha256 above: the reference export in ../shared/models (`--from` checks it); a converted file
+        # differs, so fetch checks it by its outputs and records its sha256 in <weights_file>.json
+        url=f"{LITE_URL}efficientnet-lite0.tar.gz",
+        converter="efficientnet_lite_tflite",
+        archive_member="efficientnet-lite0/efficientnet-lite0-fp32.tflite",
     )
 )
 register(
@@ -189,7 +203,9 @@ register(
         sha256="309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8",
         onnx_inputs=("input.1",),
         description="U²-Net-p salient object detection (4.7 MB); first output is the fused map",
-        source="https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2netp.onnx",
+        source=f"the U²-Net authors' U²-Net-p (Apache-2.0) as ONNX, published by rembg: {REMBG_URL}u2netp.onnx",
+        url=f"{REMBG_URL}u2netp.onnx",
+        url_md5="8e83ca70e441ab06c318d82300c84806",
     )
 )
 register(
@@ -203,7 +219,9 @@ register(
         weights_file="u2net.onnx",
         onnx_inputs=("input.1",),
         description="U²-Net salient object detection (176 MB); first output is the fused map",
-        source="https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx",
+        source=f"the U²-Net authors' U²-Net (Apache-2.0) as ONNX, published by rembg: {REMBG_URL}u2net.onnx",
+        url=f"{REMBG_URL}u2net.onnx",
+        url_md5="60024c5c889badc19c04ad937298a77b",
     )
 )
 register(
@@ -219,8 +237,8 @@ register(
         description="FBA matting: inputs image [1,3,H,W] in [0,1], trimap [1,2,H,W], ImageNet-"
         "normalised image [1,3,H,W], distance-transformed trimap [1,6,H,W]; output "
         "[1,7,H,W] = alpha, fg(3), bg(3); any H, W (input_size 0)",
-        source="export FBA Matting (github.com/MarcoForte/FBA_Matting, non-commercial licence) to "
-        "ONNX with those four inputs",
+        source="no download: export FBA Matting (github.com/MarcoForte/FBA_Matting, non-commercial licence) "
+        "to ONNX with experiments/export_onnx.py",
     )
 )
 

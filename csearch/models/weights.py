@@ -1,17 +1,15 @@
-"""Where model files are found: weights resolution, the one download, and the file digest.
+"""Where model files are found: weights resolution and the file digest.
 
 Weights are resolved in this order (`resolve_weights`): an explicit path, `$CSEARCH_HOME`
-(default `~/.cache/csearch`), Keras' own cache, and - for Keras backbones only - Keras' own
-download. Nothing downloads at import or while an object is constructed: only inside
-`resolve_weights(name, "imagenet")`. Keras is imported only for that download.
+(default `~/.cache/csearch`), then Keras' own cache (`~/.keras/models`, where earlier Keras
+downloads are). Nothing here downloads: `csearch models fetch NAME` (`models.fetch`) is the one
+place that gets files, so a missing file is a one-line `WeightsNotFound` naming that command.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -33,20 +31,39 @@ def keras_cache_dir() -> Path:
 
 def find_weights(name: str) -> Optional[Path]:
     """The registered file if it is already on disk ($CSEARCH_HOME, then Keras' cache); no
-    download."""
+    download. A Keras backbone's file may be csearch's (`weights_file`) or Keras' own
+    (`keras_file`, which `csearch models fetch` saves in $CSEARCH_HOME)."""
     spec = get_spec(name)
     candidates = [csearch_home() / spec.weights_file]
     if spec.keras_file:
-        candidates.append(keras_cache_dir() / spec.keras_file)
+        candidates += [csearch_home() / spec.keras_file, keras_cache_dir() / spec.keras_file]
     return next((p for p in candidates if p.is_file()), None)
+
+
+def fetch_hint(spec: ModelSpec) -> str:
+    """The command that gets a model's file, and from where (for messages and `csearch models`)."""
+    if spec.converter:
+        return f"`csearch models fetch {spec.name}` (builds it from {spec.download_url})"
+    if spec.download_url:
+        return f"`csearch models fetch {spec.name}` (downloads {spec.download_url})"
+    return f"`csearch models fetch {spec.name} --from DIR` ({spec.source})"
+
+
+def missing_message(spec: ModelSpec) -> str:
+    """The one line for a registered model whose file is not on disk."""
+    where = f"{csearch_home()}" + (f" or Keras' cache ({keras_cache_dir()})" if spec.keras_file else "")
+    return (
+        f"{spec.name}: model file {spec.weights_file} not found in {where}. Get it with {fetch_hint(spec)}, "
+        "or pass a file path (or set CSEARCH_HOME to the folder holding it)"
+    )
 
 
 def resolve_weights(name: str, weights: WeightsArg = "imagenet") -> Optional[Path]:
     """Turn a `weights` argument into a file path, or None for random initialisation.
 
     `None`/"none": random init (Keras backbones only). A path: that file (it must exist).
-    "imagenet" (or "default"): `find_weights`, then - Keras backbones only - Keras' own
-    download. Every failure is a one-line `WeightsNotFound` naming the file and where to put it.
+    "imagenet" (or "default"): `find_weights`. Never downloads: every failure is a one-line
+    `WeightsNotFound` naming the file, where it was looked for and the command that gets it.
     """
     spec = get_spec(name)
     if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
@@ -57,38 +74,16 @@ def resolve_weights(name: str, weights: WeightsArg = "imagenet") -> Optional[Pat
             )
         return None
     if isinstance(weights, str) and weights.lower() in PRETRAINED:
-        return find_weights(name) or _download(spec)
+        found = find_weights(name)
+        if found is None:
+            raise errors.WeightsNotFound(missing_message(spec))
+        return found.resolve()
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise errors.WeightsNotFound(f"{name}: weights file not found: {path}")
-    return path.resolve()
-
-
-def _download(spec: ModelSpec) -> Path:
-    """Keras' own download (the same call `weights="imagenet"` makes); ONNX files never
-    download. Any failure (offline, proxy, bad hash) becomes one WeightsNotFound line."""
-    home = csearch_home()
-    if not spec.is_keras or not spec.keras_file:
         raise errors.WeightsNotFound(
-            f"{spec.name}: model file not found. Put {spec.weights_file} in {home} (or pass a "
-            f"file path, or set CSEARCH_HOME to its folder); "
-            f"{'download it from' if spec.source.startswith('http') else 'to make it:'} {spec.source}"
+            f"{name}: weights file not found: {path} (`csearch models fetch {name}` gets the registered file)"
         )
-    import keras
-
-    try:
-        # Broad on purpose: get_file raises bare Exception for network errors; the reason is
-        # kept in the message, so nothing is swallowed.
-        with contextlib.redirect_stdout(sys.stderr):  # Keras prints progress; stdout is for --json
-            got = keras.utils.get_file(
-                spec.keras_file, spec.keras_url, cache_subdir="models", file_hash=spec.keras_hash
-            )
-    except Exception as exc:  # noqa: BLE001
-        raise errors.WeightsNotFound(
-            f"{spec.name}: ImageNet weights not found. Put {spec.weights_file} in {home} (or "
-            f"pass a file path); download of {spec.keras_file} failed: {errors.one_line(exc)}"
-        ) from None
-    return Path(got).resolve()
+    return path.resolve()
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -124,6 +119,8 @@ def describe_models() -> list[dict]:
                 "found": str(found) if found else None,
                 "put_in": str(csearch_home()),
                 "source": spec.source,
+                "url": spec.download_url,
+                "fetch": None if found else fetch_hint(spec),
                 "description": spec.description,
             }
         )

@@ -16,6 +16,10 @@ Design, in brief (measurements in docs/results/service.md):
   `limits`) this bounds memory to about slots x max_upload_bytes plus the workers' decoded images.
 - Paths never leave the server: items are addressed by id, errors are one-line JSON messages
   (`errors`).
+- Writes (`auth`): POST /items and DELETE /items/{id} need the API key ($CSEARCH_API_KEY or
+  --api-key-file; `Authorization: Bearer KEY` or `X-API-Key: KEY`) when one is set, 401 without
+  it; --read-only answers them 403; a host other machines can reach needs one of the two. Reads
+  stay open. /docs is the package's own page over /openapi.json (no CDN).
 """
 
 from .app import create_app, run_server

@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, Security, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -19,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..config import MAX_K, MAX_RERANK_TOP, allowed_values, merge
 from ..pipeline import Engine
+from .auth import API_KEY_ENV, WriteGuard, check_exposure, write_mode
 from .errors import ApiError, install_error_handlers
 from .images import THUMBNAIL_SIDE
 from .limits import (
@@ -50,6 +52,7 @@ class HitOut(BaseModel):
     image_url: str
     thumbnail_url: str
     mask_url: str
+    missing: bool = False  # the catalogue image has gone (moved or deleted); the hit is still returned
 
 
 class SearchOut(BaseModel):
@@ -85,8 +88,39 @@ class ErrorOut(BaseModel):
     type: str
 
 
+class HealthOut(BaseModel):
+    status: str
+    items: int
+    in_progress: int
+    capacity: int
+    classifier: bool  # False: searches cover all categories (nothing is predicted)
+    writes: str  # 'open', 'api_key' or 'read_only'
+
+
 UPLOAD_ERRORS = {code: {"model": ErrorOut} for code in (413, 415, 422, 503)}
 ID_ERRORS = {code: {"model": ErrorOut} for code in (404, 422)}
+WRITE_ERRORS = {
+    401: {"model": ErrorOut, "description": "no API key or a wrong one (when the server has a key)"},
+    403: {"model": ErrorOut, "description": "the server is read-only (--read-only)"},
+}
+# Only documents the two ways to send the key (OpenAPI `security`); WriteGuard enforces them
+# before the body is read (see auth.py).
+WRITE_AUTH = [
+    Security(
+        HTTPBearer(
+            auto_error=False,
+            description=f"Authorization: Bearer KEY (KEY: the server's ${API_KEY_ENV} or --api-key-file)",
+        )
+    ),
+    Security(APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: KEY (the same key)")),
+]
+
+
+def picture(media_type: str, description: str) -> dict:
+    """OpenAPI for a route that answers an image (FastAPI would otherwise document JSON)."""
+    return {200: {"content": {media_type: {}}, "description": description}, **ID_ERRORS}
+
+
 ItemId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="item id (from a search or an add)")]
 
 
@@ -121,10 +155,16 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     queue_limit: int = DEFAULT_QUEUE_LIMIT,
     model_factory: Optional[Callable[[], object]] = None,
+    api_key: Optional[str] = None,
+    read_only: bool = False,
 ) -> FastAPI:
     """The HTTP API and web page on an opened Engine. `workers` threads each get their own models
-    (`model_factory`, default: load the index's models again); see the module docstring."""
-    service = Service(engine, workers, queue_limit, max_upload_bytes, model_factory)
+    (`model_factory`, default: load the index's models again); see the module docstring.
+
+    Writes (POST /items, DELETE /items/{id}) need `api_key` when it is given (401 without it) and
+    are refused with 403 when `read_only`; with neither they are open (`run_server` allows that
+    on a loopback host only)."""
+    service = Service(engine, workers, queue_limit, max_upload_bytes, model_factory, write_mode(api_key, read_only))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -135,11 +175,14 @@ def create_app(
         title="csearch",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's Swagger UI and ReDoc load from a CDN: /docs is our own page
+        redoc_url=None,
         description="Find the same product in a catalogue from one photo "
         "(localize, classify, restricted exact KNN, mask-IoU re-ranking).",
     )
     app.state.service = service
     app.add_middleware(BodyLimit, limit=service.max_upload_bytes + FORM_OVERHEAD)
+    app.add_middleware(WriteGuard, api_key=api_key, read_only=read_only)  # outermost: runs first
     install_error_handlers(app)
     _add_search_routes(app, service)
     _add_item_routes(app, service)
@@ -187,9 +230,9 @@ def _add_item_routes(app: FastAPI, service: Service) -> None:
         "/items",
         status_code=201,
         response_model=AddedOut,
-        responses=UPLOAD_ERRORS,
-        dependencies=[Depends(require_multipart)],
-        summary="Add an image to the index (durable)",
+        responses={**WRITE_ERRORS, **UPLOAD_ERRORS},
+        dependencies=[*WRITE_AUTH, Depends(require_multipart)],
+        summary="Add an image to the index (durable; needs the API key when the server has one)",
     )
     async def add_item(
         file: Annotated[UploadFile, File(description="the catalogue image")],
@@ -205,8 +248,9 @@ def _add_item_routes(app: FastAPI, service: Service) -> None:
     @app.delete(
         "/items/{item_id}",
         response_model=RemovedOut,
-        responses=ID_ERRORS,
-        summary="Remove an item from the index (durable)",
+        responses={**WRITE_ERRORS, **ID_ERRORS},
+        dependencies=WRITE_AUTH,
+        summary="Remove an item from the index (durable; needs the API key when the server has one)",
     )
     async def remove_item(item_id: ItemId):
         return await run_in_threadpool(service.remove, item_id)  # fsyncs: off the event loop
@@ -217,7 +261,10 @@ def _add_item_routes(app: FastAPI, service: Service) -> None:
         return public_item(item)
 
     @app.get(
-        "/items/{item_id}/image", responses=ID_ERRORS, response_class=FileResponse, summary="The item's catalogue image"
+        "/items/{item_id}/image",
+        responses=picture("image/*", "the catalogue image as stored (its own format)"),
+        response_class=FileResponse,
+        summary="The item's catalogue image",
     )
     async def item_image(item_id: ItemId):
         path = service.image_path(item_id)
@@ -225,7 +272,10 @@ def _add_item_routes(app: FastAPI, service: Service) -> None:
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get(
-        "/items/{item_id}/thumbnail", responses=ID_ERRORS, summary=f"The item's image, at most {THUMBNAIL_SIDE} px"
+        "/items/{item_id}/thumbnail",
+        responses=picture("image/jpeg", "JPEG"),
+        response_class=Response,
+        summary=f"The item's image, at most {THUMBNAIL_SIDE} px",
     )
     async def item_thumbnail(item_id: ItemId):
         data = await run_in_threadpool(service.thumbnail, item_id)
@@ -233,7 +283,8 @@ def _add_item_routes(app: FastAPI, service: Service) -> None:
 
     @app.get(
         "/items/{item_id}/mask",
-        responses=ID_ERRORS,
+        responses=picture("image/png", "RGBA PNG"),
+        response_class=Response,
         summary="The item's object mask as the re-ranker compares it (RGBA PNG, mask_size px)",
     )
     async def item_mask(item_id: ItemId):
@@ -241,7 +292,11 @@ def _add_item_routes(app: FastAPI, service: Service) -> None:
 
 
 def _add_info_routes(app: FastAPI, service: Service) -> None:
-    @app.get("/health", summary="Liveness and load")
+    @app.get(
+        "/health",
+        response_model=HealthOut,
+        summary="Liveness, load, whether the index has a classifier, how writes are guarded",
+    )
     async def health():
         return service.health()
 
@@ -260,10 +315,25 @@ def _add_info_routes(app: FastAPI, service: Service) -> None:
     async def page():
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=page_headers)
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs():  # renders /openapi.json with the package's own script: works offline
+        return FileResponse(STATIC_DIR / "docs.html", media_type="text/html", headers=page_headers)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # for clients that ask without reading the page's <link rel=icon>
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml", headers=page_headers)
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
 # ----------------------------------------------------------------------------- running
+
+WRITES_LOG = {
+    "open": f"writes (POST /items, DELETE /items/ID) are open to anyone on this machine: set ${API_KEY_ENV} "
+    "or --api-key-file to require a key",
+    "api_key": "writes (POST /items, DELETE /items/ID) need the API key",
+    "read_only": "read-only: writes are disabled",
+}
 
 
 def run_server(
@@ -275,20 +345,33 @@ def run_server(
     queue_limit: int = DEFAULT_QUEUE_LIMIT,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     log_level: str = "info",
+    api_key: Optional[str] = None,
+    read_only: bool = False,
 ) -> None:
-    """Open the index and its models once, then serve until interrupted (uvicorn, one process)."""
+    """Open the index and its models once, then serve until interrupted (uvicorn, one process).
+    A host other machines can reach needs `api_key` or `read_only` (ConfigError before loading)."""
     import uvicorn
 
+    check_exposure(host, api_key, read_only)
     engine = Engine.open(index_dir)
-    app = create_app(engine, workers=workers, max_upload_bytes=max_upload_bytes, queue_limit=queue_limit)
+    app = create_app(
+        engine,
+        workers=workers,
+        max_upload_bytes=max_upload_bytes,
+        queue_limit=queue_limit,
+        api_key=api_key,
+        read_only=read_only,
+    )
     log.info(
-        "csearch: serving %d item(s) from %s on http://%s:%d (%d worker(s), queue %d)",
+        "csearch: serving %d item(s) from %s on http://%s:%d (%d worker(s), queue %d, uploads up to %.1f MiB); %s",
         len(engine.store.snapshot),
         index_dir,
         host,
         port,
         workers,
         queue_limit,
+        max_upload_bytes / 2**20,
+        WRITES_LOG[write_mode(api_key, read_only)],
     )
     # last-resort guard on open connections; the pool's 503 (with a JSON body) normally acts first
     limit = max(128, 4 * (workers + queue_limit))

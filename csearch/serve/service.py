@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import __version__
-from ..errors import ConfigError, ImageError, StoreError, unknown_name
+from ..errors import ConfigError, ImageError, StoreError
 from ..pipeline import Engine, load_models
 from ..preprocess import load_image
 from ..types import Localization, QueryResult, Record
@@ -116,6 +116,7 @@ class Service:
         queue_limit: int,
         max_upload_bytes: int,
         model_factory: Optional[Callable[[], object]] = None,
+        writes: str = "open",
     ):
         if workers < 1:
             raise ConfigError(f"workers must be at least 1, got {workers}")
@@ -126,6 +127,8 @@ class Service:
         self.index_dir = self.store.directory
         self.uploads = Uploads(self.index_dir)
         self.max_upload_bytes = int(max_upload_bytes)
+        self.writes = writes  # 'open', 'api_key' or 'read_only' (auth.write_mode), for /health
+        self.has_classifier = engine.models.classifier is not None  # else every search is over all categories
         make_models = model_factory or (lambda: load_models(engine.config))
         models = [engine.models] + [make_models() for _ in range(workers - 1)]
         # `Engine.search` reads one `store.snapshot` per query, so workers share the store safely
@@ -177,10 +180,7 @@ class Service:
         self, engine: Engine, data: bytes, k: Optional[int], category: Optional[str], switches: dict, visuals: bool
     ) -> dict:
         self.store.refresh_if_idle()
-        if category is not None:
-            known = [c for c in self.store.snapshot.category_counts() if c is not None]
-            if category not in known:
-                raise unknown_name("category", category, known)
+        # Engine.query checks the category and the settings (the CLI's rules) before any image work
         result = engine.query(data, k=k, category=category, **switches)
         payload = public_result(result)
         if visuals and result.localization is not None:
@@ -241,6 +241,8 @@ class Service:
             "items": len(self.store.snapshot),
             "in_progress": self.pool.in_use,
             "capacity": self.pool.capacity,
+            "classifier": self.has_classifier,
+            "writes": self.writes,
         }
 
     def stats(self) -> dict:

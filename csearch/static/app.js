@@ -28,11 +28,13 @@ function fmt(value, digits = 3) {
 
 async function loadIndexInfo() {
   try {
-    const stats = await api("/stats");
+    const [stats, health] = await Promise.all([api("/stats"), api("/health")]);
     const names = Object.keys(stats.categories);
     $("index-info").textContent =
       `${stats.items} catalogue images · ${names.length} categories · extractor ${stats.models.extractor}`;
     const select = $("category");
+    // without a classifier nothing is predicted: every search covers all categories
+    select.options[0].textContent = health.classifier ? "predicted" : "all categories";
     for (const name of names) {
       const option = document.createElement("option");
       option.value = name;
@@ -66,8 +68,7 @@ async function search(file) {
     setStatus(`${result.results.length} matches`);
   } catch (error) {
     if (error.name === "AbortError") return;
-    $("results").replaceChildren();
-    $("results-title").hidden = true;
+    clearQuery(); // a failed search shows only its error, nothing of the photo or the last search
     setStatus(error.message, "error");
   } finally {
     if (state.running === controller) state.running = null;
@@ -79,8 +80,24 @@ function showPhoto(file) {
   state.photoUrl = URL.createObjectURL(file);
   $("query-photo").src = state.photoUrl;
   $("cutout").removeAttribute("src");
+  $("localizer").textContent = "";
   $("predicted").textContent = "…";
+  $("timings").textContent = "";
   $("query").hidden = false;
+}
+
+function clearQuery() {
+  if (state.photoUrl) URL.revokeObjectURL(state.photoUrl);
+  state.photoUrl = null;
+  state.queryMask = null;
+  $("query").hidden = true;
+  $("query-photo").removeAttribute("src");
+  $("cutout").removeAttribute("src");
+  $("localizer").textContent = "";
+  $("predicted").textContent = "";
+  $("timings").textContent = "";
+  $("results").replaceChildren();
+  $("results-title").hidden = true;
 }
 
 function render(result) {
@@ -110,10 +127,12 @@ function card(hit, index) {
   const product = document.createElement("p");
   product.className = "product";
   product.textContent = hit.product || `item ${hit.id}`;
+  product.title = product.textContent; // the card shows two lines at most
   const meta = document.createElement("div");
   meta.className = "meta";
   meta.textContent = `${hit.category || "unlabelled"} · score ${fmt(hit.score)}` +
     (hit.iou === null ? "" : ` · IoU ${fmt(hit.iou)}`);
+  meta.title = meta.textContent;
   button.append(image, rank, product, meta);
   button.addEventListener("click", () => openDetail(hit));
   item.append(button);

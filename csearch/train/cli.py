@@ -18,33 +18,68 @@ from typing import Optional
 
 from ..console import parse_sets, quiet_frameworks, run_command
 from .classifier import log, train_classifier
-from .config import load_train_config
+from .config import TrainConfig, load_train_config
+
+
+def shown_value(value) -> str:
+    """A default as YAML writes it (null, true, false)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def settings_epilog() -> str:
+    """Every train setting with its default, for --config FILE and --set KEY=VALUE."""
+    defaults = TrainConfig().to_dict()
+    shown = ", ".join(f"{key}={shown_value(value)}" for key, value in defaults.items())
+    return f"Train settings for --config FILE (YAML) and --set KEY=VALUE, with their defaults: {shown}."
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..models import names
+
+    defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m csearch.train", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("classifier", help="train the category classifier (the paper's head on a backbone)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = sub.add_parser(
+        "classifier",
+        help="train the category classifier (the paper's head on a backbone)",
+        description="Train the category classifier that `csearch index --classifier RUN_DIR` uses to search "
+        "only the predicted category: the paper's head on a pretrained backbone, SGD with early stopping. "
+        "Writes model.keras, classes.json, the resolved config.yaml, history.csv and summary.json to RUN_DIR. "
+        "An interrupted run "
+        "resumes when the same command is run again with the same --out.",
+        epilog=settings_epilog(),
+    )
     p.add_argument("--data", required=True, metavar="SPEC", help="training catalogue (folder, CSV, Grocery .txt)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="output folder; the same --out resumes")
-    p.add_argument("--backbone", help="registered backbone (default mobilenetv2)")
-    p.add_argument("--weights", help="imagenet | none | weights file (default imagenet)")
-    p.add_argument("--config", metavar="FILE", help="YAML with train settings; flags override it")
-    p.add_argument("--epochs", type=int, help="maximum epochs (early stopping ends sooner)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--image-size", type=int, help="input side (default: the backbone's native size)")
-    p.add_argument("--color", help="rgb | gray")
+    p.add_argument("--backbone", help=f"one of {', '.join(names('backbone'))} (default {defaults.backbone})")
+    p.add_argument(
+        "--weights",
+        metavar="imagenet|none|PATH",
+        help=f"backbone weights: imagenet (looked up in $CSEARCH_HOME), none or a file (default {defaults.weights})",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML with train settings (listed below); flags override it")
+    p.add_argument(
+        "--epochs", type=int, help=f"maximum epochs; early stopping usually ends sooner (default {defaults.epochs})"
+    )
+    p.add_argument("--batch-size", type=int, help=f"images per training step (default {defaults.batch_size})")
+    p.add_argument("--image-size", type=int, help="input side in px (default: the backbone's native size)")
+    p.add_argument("--color", help=f"rgb | gray (default {defaults.color}; the paper: gray)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--freeze-backbone", action="store_true", default=None, help="train the head only")
-    group.add_argument("--unfreeze", type=int, metavar="N", help="also train the top N backbone layers (-1: all)")
+    group.add_argument(
+        "--unfreeze",
+        type=int,
+        metavar="N",
+        help=f"also train the top N backbone layers (-1: all; default {defaults.unfreeze})",
+    )
     p.add_argument("--val", metavar="SPEC", help="validation catalogue (default: stratified split of --data)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help=f"random seed of the split and the augmentation (default {defaults.seed})")
     p.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
         default=[],
-        help="any other train setting, e.g. --set copies=2 (every setting: csearch/train/config.py)",
+        help="any other train setting, e.g. --set copies=2 (repeatable; every setting is listed below)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     return parser
