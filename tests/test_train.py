@@ -131,6 +131,52 @@ def frozen_run(catalogue, tmp_path_factory):
     return out
 
 
+def test_a_finished_run_is_exported_to_onnx_and_queries_need_no_tensorflow(
+    frozen_run, catalogue, tiny_extractor, tmp_path
+):
+    """The trainer exports model.onnx (checked against Keras); an index built with the run then
+    answers `csearch query` in ONNX Runtime alone: the process never imports TensorFlow or Keras."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from csearch.classify import Classifier
+
+    summary = json.loads((frozen_run / "summary.json").read_text())
+    assert (frozen_run / "model.onnx").is_file() and summary["onnx_max_abs_diff"] < 1e-4
+    assert Classifier.load(frozen_run).runtime == "onnx"
+    photo = next(p for p in sorted(Path(catalogue).rglob("*.png")) if "broken" not in p.name)
+    index = tmp_path / "idx"
+    settings = ["--set", f"embed.extractor={tiny_extractor}", "--localizer", "classical", "--image-size", "32"]
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "csearch",
+            "index",
+            str(catalogue),
+            "--out",
+            str(index),
+            "--classifier",
+            str(frozen_run),
+            *settings,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    code = (
+        "import sys\n"
+        "from csearch.cli import main\n"
+        f"rc = main(['query', {str(index)!r}, {str(photo)!r}, '--json'])\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
+        "assert rc == 0 and not heavy, (rc, heavy)\n"
+    )
+    queried = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert queried.returncode == 0, queried.stderr[-2000:]
+
+
 def test_run_dir_contents(frozen_run):
     for name in ("model.keras", "classes.json", "history.csv", "config.yaml", "summary.json"):
         assert (frozen_run / name).is_file(), name

@@ -82,6 +82,25 @@ def check_run_dir(run_dir: Path, resolved: dict) -> Optional[dict]:
     return json.loads(summary.read_text()) if summary.is_file() else None
 
 
+def _export_onnx(run_dir: Path, notes: list, say) -> Optional[float]:
+    """Export the finished model to RUN_DIR/model.onnx (checked against Keras), so that queries and
+    indexes run it in ONNX Runtime and never import TensorFlow. A failed export leaves a working
+    Keras RUN_DIR and says so (in the log and the summary's notes)."""
+    from ..classify import export_classifier
+
+    try:
+        _, diff = export_classifier(run_dir)
+    except Exception as exc:  # noqa: BLE001 (any exporter failure: the Keras model still serves)
+        message = (
+            f"ONNX export failed ({errors.one_line(exc)}); queries will load Keras. Retry: csearch export {run_dir}"
+        )
+        log.warning(message)
+        notes.append(message)
+        return None
+    say(f"exported model.onnx (max |onnxruntime - keras| = {diff:.1e})")
+    return diff
+
+
 def stages(config: TrainConfig, unfreeze: Optional[int]) -> list[Stage]:
     """An optional head-only warm-up, then the main stage."""
     if unfreeze == 0:
@@ -200,6 +219,7 @@ def train_classifier(
         "n_skipped": len(prepared.skipped),
         "notes": prepared.notes,
     }
+    summary["onnx_max_abs_diff"] = _export_onnx(run_dir, summary["notes"], say)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     if not config.cache_dir:
