@@ -16,7 +16,7 @@ from .errors import ConfigError, ModelMismatch, unknown_name
 from .indexing import add_records
 from .prepare import Prepared, embed_prepared, prepare_image, vector_dim
 from .preprocess import ImageSource, load_image
-from .resolve import Models, index_config, load_models, locate_config, locate_files
+from .resolve import Models, index_config, load_models, locate_config, locate_files, query_threads
 from .types import Hit, Prediction, QueryResult, Record
 
 log = logging.getLogger("csearch")
@@ -31,7 +31,16 @@ class Engine:
         self.models = models
 
     @classmethod
-    def open(cls, index_dir: str | Path, search_overrides: Optional[dict] = None, verify: bool = True) -> Engine:
+    def open(
+        cls,
+        index_dir: str | Path,
+        search_overrides: Optional[dict] = None,
+        verify: bool = True,
+        localizer_threads: Optional[int] = None,
+    ) -> Engine:
+        """Open an index with its recorded models. The localizer gets `localizer_threads` ONNX
+        Runtime threads (default: every core, for one query stream) unless the index sets
+        localize.threads."""
         from .store import IndexStore
 
         store = IndexStore.open(index_dir)
@@ -40,7 +49,7 @@ class Engine:
             config = locate_config(config, locate_files(store.meta.get("models", []), store.directory))
         if search_overrides:
             config = merge(config, {f"search.{k}": v for k, v in search_overrides.items() if v is not None})
-        models = load_models(config)
+        models = load_models(config, localizer_threads or query_threads())
         if vector_dim(config, models.extractor) != store.dim:
             raise ModelMismatch(
                 f"{index_dir} holds {store.dim}-d vectors but its config gives "

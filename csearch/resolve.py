@@ -6,6 +6,7 @@ index carries a copy of its trained classifier (`carry_classifier`)."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,11 +46,20 @@ class Models:
         return found
 
 
-def load_models(config: Config) -> Models:
+def query_threads(workers: int = 1) -> int:
+    """ONNX Runtime threads for the localizer of each of `workers` query streams: the cores shared
+    among them. One query stream on 2 cores localizes in 150 ms with 2 threads against 210 ms with
+    1, with identical masks (docs/results/cold_start.md); indexing keeps 1 thread per worker thread."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def load_models(config: Config, localizer_threads: Optional[int] = None) -> Models:
+    """The models `config` names. `localize.threads`, when set, wins over `localizer_threads` (the
+    caller's policy; None: the localizer's own default, 1)."""
     from .localize import make_localizer
     from .models import load_extractor
 
-    localizer = make_localizer(config.localize)
+    localizer = make_localizer(config.localize, threads=config.localize.threads or localizer_threads)
     extractor = load_extractor(config.embed.extractor, config.embed.weights, image_size=config.preprocess.image_size)
     classifier = None
     if config.classify.classifier:

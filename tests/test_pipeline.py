@@ -308,3 +308,25 @@ def test_vectors_of_another_length_than_the_config_are_refused(tmp_path, tiny_ca
     manifest.write_text(json.dumps(data))
     with pytest.raises(ModelMismatch, match="48-d vectors but its config gives 24-d"):
         Engine.open(tmp_path / "idx")
+
+
+def test_localizer_threads_policy(monkeypatch, tiny_config, tmp_path, tiny_catalogue):
+    """Queries give the localizer every core (one stream), the service a share per worker, and an
+    explicit localize.threads always wins."""
+    import os
+
+    from csearch import localize
+    from csearch.config import merge
+    from csearch.resolve import load_models, query_threads
+
+    seen = []
+    real = localize.make_localizer
+    monkeypatch.setattr(localize, "make_localizer", lambda cfg, threads=None, **kw: seen.append(threads) or real(cfg))
+    load_models(tiny_config, localizer_threads=3)
+    load_models(merge(tiny_config, {"localize.threads": 1}), localizer_threads=3)
+    assert seen == [3, 1]
+    build_index(read_catalogue(tiny_catalogue), tiny_config, tmp_path / "idx")
+    seen.clear()
+    Engine.open(tmp_path / "idx")
+    assert seen == [max(1, os.cpu_count() or 1)]
+    assert query_threads(workers=os.cpu_count() or 1) == 1 and query_threads(workers=10**6) == 1

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..config import MAX_K, MAX_RERANK_TOP, allowed_values, merge
 from ..pipeline import Engine
+from ..resolve import query_threads
 from .auth import API_KEY_ENV, WriteGuard, check_exposure, write_mode
 from .errors import ApiError, install_error_handlers
 from .images import THUMBNAIL_SIDE
@@ -353,7 +354,7 @@ def run_server(
     import uvicorn
 
     check_exposure(host, api_key, read_only)
-    engine = Engine.open(index_dir)
+    engine = Engine.open(index_dir, localizer_threads=query_threads(workers))
     app = create_app(
         engine,
         workers=workers,

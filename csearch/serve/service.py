@@ -17,6 +17,7 @@ from .. import __version__
 from ..errors import ConfigError, ImageError, StoreError
 from ..pipeline import Engine, load_models
 from ..preprocess import load_image
+from ..resolve import query_threads
 from ..types import Localization, QueryResult, Record
 from .errors import ApiError, not_found
 from .images import ITEM_MASK_RGBA, QUERY_MASK_RGBA, THUMBNAIL_SIDE, cutout_jpeg, data_url, small_jpeg, tinted_mask_png
@@ -129,7 +130,8 @@ class Service:
         self.max_upload_bytes = int(max_upload_bytes)
         self.writes = writes  # 'open', 'api_key' or 'read_only' (auth.write_mode), for /health
         self.has_classifier = engine.models.classifier is not None  # else every search is over all categories
-        make_models = model_factory or (lambda: load_models(engine.config))
+        # each worker's localizer gets its share of the cores (the first engine was opened that way)
+        make_models = model_factory or (lambda: load_models(engine.config, query_threads(workers)))
         models = [engine.models] + [make_models() for _ in range(workers - 1)]
         # `Engine.search` reads one `store.snapshot` per query, so workers share the store safely
         self.pool = WorkerPool([Engine(self.store, engine.config, m) for m in models], queue_limit)
