@@ -129,6 +129,45 @@ def knn_throughput(vectors: np.ndarray, queries: np.ndarray, k: int = 10) -> dic
     return out
 
 
+def end_to_end(index: Path, base_store, records, size: int, work: Path, n: int, repeats: int) -> dict:
+    """Issue 14's protocol: whole `Engine.query` calls (decode to hits) on an index of `size` items
+    (the real index padded with synthetic vectors), `n` seeded val photos x `repeats`, one client,
+    after 2 warm-up queries. Two engines on the same photos, one after the other: "now" as
+    `csearch query` opens the index, then "before" as the code before issue 14 did (localizer on 1
+    thread, the classifier in Keras). "now" runs first and alone: TensorFlow's thread pools keep
+    spinning after a Keras call and would slow whatever runs next."""
+    from csearch.classify import Classifier
+    from csearch.pipeline import Engine, load_models
+    from csearch.resolve import query_threads
+
+    store = padded_store(base_store, size, work / f"pad-{size}")
+    opened = Engine.open(index, verify=False)
+    picked = np.random.default_rng(0).choice(len(records), min(n, len(records)), replace=False)
+    paths = [records[i].path for i in picked]
+
+    def measure(engine) -> list:
+        for path in paths[:2]:
+            engine.query(path)
+        return [engine.query(path).timings_ms for _ in range(repeats) for path in paths]
+
+    engines = {"now": Engine(store, opened.config, opened.models)}
+    timings = {"now": measure(engines["now"])}
+    before = load_models(opened.config, localizer_threads=1)
+    if before.classifier is not None:
+        before.classifier = Classifier.load(opened.config.classify.classifier, runtime="keras")
+    engines["before"] = Engine(store, opened.config, before)
+    timings["before"] = measure(engines["before"])
+    return {
+        "gallery": len(store),
+        "queries": len(timings["now"]),
+        "localizer_threads": {"now": query_threads(), "before": 1},
+        "classifier_runtime": {
+            name: e.models.classifier and e.models.classifier.runtime for name, e in engines.items()
+        },
+        "stages_ms": {name: {k: percentiles([t[k] for t in rows]) for k in rows[0]} for name, rows in timings.items()},
+    }
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -139,6 +178,13 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/work/runs/bench-query"), help="padded indexes go here")
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--n-images", type=int, default=40, help="queries timed through the image stages")
+    parser.add_argument(
+        "--end-to-end",
+        type=int,
+        metavar="SIZE",
+        help="only issue 14's end-to-end protocol on a SIZE-item index (e.g. 5000): --n-images photos x 3, "
+        "written to OUT/end_to_end.json",
+    )
     args = parser.parse_args(argv)
 
     from csearch.config import merge
@@ -149,8 +195,14 @@ def main(argv=None) -> int:
     from csearch.store import IndexStore
 
     base = IndexStore.open(args.index)
-    engine = Engine.open(args.index, verify=False)
     records = list(read_catalogue(args.queries).records)
+    if args.end_to_end:
+        report = end_to_end(args.index, base, records, args.end_to_end, args.work, args.n_images, 3)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "end_to_end.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report, indent=1))
+        return 0
+    engine = Engine.open(args.index, verify=False)
     report = {"index": str(args.index), "gallery_base": len(base), "config": engine.config.to_dict()}
     stages, prepared = image_stages(engine, records, args.n_images)
     report["image_stages_ms"] = stages

@@ -49,7 +49,7 @@ class Models:
 def query_threads(workers: int = 1) -> int:
     """ONNX Runtime threads for the localizer of each of `workers` query streams: the cores shared
     among them. One query stream on 2 cores localizes in 150 ms with 2 threads against 210 ms with
-    1, with identical masks (docs/results/cold_start.md); indexing keeps 1 thread per worker thread."""
+    1, with identical masks (docs/results/query_speed.md); indexing keeps 1 thread per worker thread."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 

@@ -26,22 +26,23 @@ def providers() -> list[str]:
 
 
 def session_options(threads: Optional[int] = None):
-    """onnxruntime's defaults (all graph optimisations, intra-op threads = cores) when `threads`
-    is None. With `threads`, intra-op threads capped at the CPU count, one inter-op thread and no
-    spinning, so idle threads don't steal the shared cores from other workers (the localizers run
+    """All graph optimisations, and no spinning: a query runs several sessions in turn (localizer,
+    extractor, classifier), and threads that spin-wait after one session's run steal the cores
+    from the next (measured: docs/results/query_speed.md). Intra-op threads = cores when `threads`
+    is None; with `threads`, capped at the CPU count, with one inter-op thread (the localizers run
     one session per worker thread)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # warnings such as unused initializers are not the user's
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         if int(threads) < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}")
         options.intra_op_num_threads = min(int(threads), os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
