@@ -21,9 +21,8 @@ from typing import Optional, Protocol, runtime_checkable
 import numpy as np
 
 
-@runtime_checkable
-class VectorSnapshot(Protocol):
-    """A consistent, immutable read view of a store."""
+class IndexShape(Protocol):
+    """What a store and its snapshots both describe: vector length, mask side, meta, item count."""
 
     @property
     def dim(self) -> int: ...
@@ -35,6 +34,11 @@ class VectorSnapshot(Protocol):
     def meta(self) -> dict: ...
 
     def __len__(self) -> int: ...
+
+
+@runtime_checkable
+class VectorSnapshot(IndexShape, Protocol):
+    """A consistent, immutable read view of a store."""
 
     def blocks(self) -> list:
         """The vectors as `knn.Block`s (every live row, in row order) for `knn.knn`."""
@@ -56,22 +60,11 @@ class VectorSnapshot(Protocol):
 
 
 @runtime_checkable
-class VectorStore(Protocol):
+class VectorStore(IndexShape, Protocol):
     """A vector store: the consistent snapshot readers use, and the writes."""
 
     @property
-    def dim(self) -> int: ...
-
-    @property
-    def mask_size(self) -> int: ...
-
-    @property
-    def meta(self) -> dict: ...
-
-    @property
     def snapshot(self) -> VectorSnapshot: ...
-
-    def __len__(self) -> int: ...
 
     def refresh(self) -> bool:
         """Load the latest committed state; True when the snapshot changed."""
