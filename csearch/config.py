@@ -33,8 +33,9 @@ LocalizeMethod = Literal["none", "classical", "u2net"]
 Matting = Literal["none", "pymatting", "fba"]
 Views = Literal["cutout", "cutout+photo"]
 ClassifierInput = Literal["photo", "cutout"]
-Rerank = Literal["none", "iou", "fused", "iou_crop", "fused_crop"]
+Rerank = Literal["none", "iou", "fused", "iou_crop", "fused_crop", "geometric"]
 KnnEngine = Literal["numpy", "faiss", "auto"]
+AnnIndex = Literal["none", "hnsw", "ivf"]
 
 # old key -> new key: the old one still loads, with a one-line deprecation notice
 RENAMED_KEYS = {"localize.backend": "localize.method"}  # "backend" named four different things
@@ -101,6 +102,9 @@ class EmbedConfig(_Section):
     # best on average, and far better without a classifier: docs/results/retrieval.md)
     views: Views = "cutout+photo"
     photo_weight: float = bounded(0.5, gt=0.0, lt=1.0)  # cutout+photo: share of the whole photo in the distance
+    # RUN_DIR of `python -m csearch.train embedder`: a product embedding learned from the catalogue's
+    # labels; it fixes the extractor and the image size (None: the frozen extractor's features)
+    embedder: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -123,12 +127,23 @@ class SearchConfig(_Section):
 
 
 @dataclass(frozen=True)
+class StoreConfig(_Section):
+    # where the items live: local (the index folder) | milvus-lite:PATH (relative to INDEX_DIR) |
+    # milvus://HOST:PORT/COLLECTION; credentials never go here (see csearch.store)
+    uri: str = "local"
+    # approximate search for large unfiltered queries in the local store (FAISS); category-restricted
+    # searches stay exact
+    ann: AnnIndex = "none"
+
+
+@dataclass(frozen=True)
 class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -247,6 +262,7 @@ _SECTION_NAMES = {
     EmbedConfig: "embed",
     ClassifyConfig: "classify",
     SearchConfig: "search",
+    StoreConfig: "store",
 }
 
 

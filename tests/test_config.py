@@ -114,7 +114,7 @@ def test_sections_validate_themselves_however_they_are_built():
 
 
 def test_the_schema_feeds_choices_and_bounds():
-    assert allowed_values("search.rerank") == ("none", "iou", "fused", "iou_crop", "fused_crop")
+    assert allowed_values("search.rerank") == ("none", "iou", "fused", "iou_crop", "fused_crop", "geometric")
     assert bounds("search.k")["le"] == 100
     with pytest.raises(ConfigError, match="no fixed set"):
         allowed_values("search.k")

@@ -15,7 +15,7 @@ for the hits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
@@ -77,8 +77,12 @@ class VectorStore(IndexShape, Protocol):
         paths: Sequence[str],
         categories: Optional[Sequence[Optional[str]]] = None,
         products: Optional[Sequence[Optional[str]]] = None,
+        extras: Optional[Mapping[str, np.ndarray]] = None,
     ) -> np.ndarray:
-        """Append items; return their new int64 ids, ascending."""
+        """Append items; return their new int64 ids, ascending. `extras`: optional named per-item
+        columns, each an array with one fixed-shape row per item (e.g. "local_features": uint8
+        (n, K, B) keypoints and descriptors for geometric re-ranking); an index that has a column
+        needs it in every add, and `snapshot.gather(name, rows)` reads it back."""
 
     def remove(self, ids, missing_ok: bool = False) -> int:
         """Remove items by id; return how many were removed."""
