@@ -96,8 +96,17 @@ PAPER = [
     "--set",
     "classify.input=cutout",
 ]
-PIPELINES = {"plain": PLAIN, "photo": PHOTO, "cutout": CUTOUT, "defaults": [], "paper": PAPER}
-WITH_CLASSIFIER = {"photo": [], "cutout": [], "defaults": []}  # pipelines given --classifier
+PIPELINES = {
+    "plain": PLAIN,
+    "photo": PHOTO,
+    "cutout": CUTOUT,
+    "defaults": [],
+    "paper": PAPER,
+    "embedder": [],  # the defaults with --embedder RUN_DIR (and the classifier)
+    "embedder-only": [],  # the defaults with --embedder RUN_DIR and no classifier: the embedding's own category
+}
+WITH_CLASSIFIER = {"photo": [], "cutout": [], "defaults": [], "embedder": []}  # pipelines given --classifier
+WITH_EMBEDDER = ("embedder", "embedder-only")  # pipelines given --embedder
 ABLATED = "defaults"  # the pipeline --ablate / --figures run around
 PUBLISHED_FIGURES = {"train-val": "*.png", "catalogue": "figure9_*.png"}  # glob per case
 KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision", "mrr")
@@ -117,6 +126,7 @@ def command(
     ablate: bool,
     figures: bool,
     classifier: str | None = None,
+    embedder: str | None = None,
 ) -> list[str]:
     gallery, subset = CASES[case]
     cmd = entry_point() + [
@@ -136,6 +146,10 @@ def command(
     cmd += PIPELINES[pipeline]
     if classifier and pipeline in WITH_CLASSIFIER:
         cmd += ["--classifier", classifier] + WITH_CLASSIFIER[pipeline]
+    if pipeline in WITH_EMBEDDER:
+        if not embedder:
+            raise SystemExit(f"pipeline {pipeline} needs --embedder RUN_DIR")
+        cmd += ["--embedder", embedder]
     if ablate:
         cmd.append("--ablate")
     if figures:
@@ -150,17 +164,22 @@ def run(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - started
 
 
+def _shown(value) -> str:
+    return "-" if value is None else format(value, ".3f")
+
+
 def summary_table(rows: list[dict]) -> str:
     lines = [
-        "| case | pipeline | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | cat. acc | p50 ms | p95 ms | "
-        "queries | gallery | runtime s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | pipeline | R@1 | R@5 | R@10 | R@20 | mAP@10 | R-Prec | MRR | cat. acc | top-1 cat. acc | p50 ms | "
+        "p95 ms | queries | gallery | runtime s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['pipeline']} | "
             + " | ".join(f"{r[k]:.3f}" for k in KEYS)
             + f" | {'-' if r['category_accuracy'] is None else format(r['category_accuracy'], '.3f')}"
+            + f" | {_shown(r.get('nearest_category_accuracy'))}"
             + f" | {r['latency_ms_p50']:.0f} | {r['latency_ms_p95']:.0f} | {r['n_queries']} | "
             f"{r['n_gallery']} | {r['runtime_s']:.0f} |"
         )
@@ -178,6 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--classifier", metavar="RUN_DIR", help="category classifier for the photo and cutout pipelines"
     )
+    parser.add_argument("--embedder", metavar="RUN_DIR", help="learned embedding for the embedder pipelines")
     parser.add_argument("--ablate", action="store_true", help=f"ablation table for each case (around {ABLATED})")
     parser.add_argument("--figures", action="store_true", help=f"figures for each case ({ABLATED} pipeline)")
     parser.add_argument("--resume", action="store_true", help="skip cells whose identical command already ran")
@@ -209,6 +229,7 @@ def main(argv=None) -> int:
                 extra and args.ablate,
                 extra and args.figures,
                 args.classifier,
+                args.embedder,
             )
             cell = args.out / case / pipeline
             done = cell / "bench_cell.json"
@@ -224,6 +245,7 @@ def main(argv=None) -> int:
                     "pipeline": pipeline,
                     **{k: report[k] for k in KEYS},
                     "category_accuracy": report["category_accuracy"],
+                    "nearest_category_accuracy": report.get("nearest_category_accuracy"),
                     "restriction": report["restriction"],
                     "latency_ms_p50": report["latency_ms_p50"],
                     "latency_ms_p95": report["latency_ms_p95"],

@@ -1,4 +1,4 @@
-"""The `csearch` command: index | add | list | remove | query | serve | export | models | demo.
+"""The `csearch` command: index | add | list | remove | optimize | query | serve | export | models | demo.
 
 Only machine-readable output goes to stdout (`--json`); logs, progress bars and the models' own
 chatter go to stderr. Every user error ends in one line on stderr and a non-zero exit code.
@@ -20,6 +20,7 @@ from .commands import (
     cmd_list,
     cmd_models,
     cmd_models_fetch,
+    cmd_optimize,
     cmd_query,
     cmd_remove,
     cmd_serve,
@@ -67,7 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="INDEX_DIR", help="index directory to create (or resume)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
-    p.add_argument("--workers", type=int, default=2, help="threads decoding and localizing (default 2)")
+    p.add_argument(
+        "--store",
+        metavar="STORE",
+        help="where the items live (config store.uri): local (default: files in INDEX_DIR), milvus-lite:PATH "
+        "(a Milvus Lite .db, relative to INDEX_DIR unless absolute) or milvus://HOST:PORT/COLLECTION (a Milvus "
+        "server; credentials from $CSEARCH_MILVUS_TOKEN or $CSEARCH_MILVUS_TOKEN_FILE). Milvus needs "
+        '`pip install -e ".[milvus]"`; later commands on INDEX_DIR use the store it was built with',
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="threads decoding and localizing (default 2); with --ray, the localizer actors (embedding gets half "
+        "as many, classifying a quarter, at least one each)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run decode, localize, classify and embed as a Ray Data pipeline (one actor pool per model; needs "
+        '`pip install -e ".[ray]"`): --ray alone starts a private local Ray for this run; --ray HOST:PORT (the '
+        "head node's address), ray://HOST:PORT or auto joins that cluster, whose nodes must see the images and "
+        "model files at the same paths. This process writes the index and commits as without --ray, so a rerun "
+        "resumes. Without --ray: one process (the fast default on one machine)",
+    )
     p.add_argument(
         "--strict",
         action="store_true",
@@ -109,6 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", metavar="ID", nargs="+", type=int, help="item ids to remove")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser(
+        "optimize",
+        help="build the approximate-search (ANN) index of an index",
+        description="Build INDEX_DIR's FAISS ANN index (store.ann: hnsw or ivf) over its current items, so that "
+        "searches not restricted to a category rank only its candidates (and the items added since) exactly. "
+        "Rerun it after many adds or removes: results stay complete and removed items never come back, but "
+        "added items are searched exactly until then. Category-restricted searches always stay exact. An "
+        "interrupted run leaves the index as it was. Loads no model.",
+    )
+    p.add_argument("index", metavar="INDEX_DIR", help="an index built by `csearch index`")
+    p.add_argument(
+        "--ann",
+        choices=allowed_values("store.ann"),
+        help="the kind to build, recorded as the index's store.ann (default: the recorded store.ann); none deletes it",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser(
         "query",
@@ -249,12 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a small demo catalogue, index it and run a few queries",
         description="Draw 18 catalogue images of 9 look-alike products, index them with the default models "
         "(or the model flags below), then search with 9 photo-like variants and show whether each found its "
-        "product. Needs the default models' weights in $CSEARCH_HOME (`csearch models`).",
+        "product. Then it trains a product embedding on the demo catalogue (under a minute) and shows what "
+        "it changes. Needs the default models' weights in $CSEARCH_HOME (`csearch models`).",
     )
     p.add_argument(
         "--out",
         metavar="DIR",
         help="folder for the demo catalogue, queries and index (default: a new temporary folder, kept and printed)",
+    )
+    p.add_argument(
+        "--no-embedder", action="store_true", help="skip training the demo's product embedding (saves ~30 s)"
     )
     add_model_flags(p)
     p.set_defaults(func=cmd_demo)

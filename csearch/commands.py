@@ -47,6 +47,11 @@ def cmd_index(args) -> int:
     catalogue = read_catalogue(args.catalogue)
     if not args.overwrite:
         check_same_catalogue(Path(args.out), catalogue)  # before any model or progress bar
+    adder = None
+    if getattr(args, "ray", None) is not None:
+        from .indexing_ray import ray_adder
+
+        adder = ray_adder(args.ray)  # Ray installed, the address answers: checked before any model loads
     log.info("catalogue: %s", catalogue.summary())
     with progress_bar(len(catalogue.records), "indexing") as bar:
         report = build_index(
@@ -57,6 +62,7 @@ def cmd_index(args) -> int:
             progress=bar.update,
             workers=args.workers,
             on_commit=lambda items: bar.set_postfix_str(f"{items} saved", refresh=False),
+            adder=adder,
         )
     save_config(report.config, Path(args.out) / "config.yaml", extra={"command": command_line(args)})
     entries = len(catalogue.records) + len(catalogue.skipped)
@@ -94,9 +100,9 @@ def cmd_index(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .store import IndexStore
+    from .store.open import open_store
 
-    snapshot = IndexStore.open(args.index).snapshot
+    snapshot = open_store(args.index).snapshot
     items = [
         {"id": int(item_id), "product": product, "category": category, "path": path}
         for item_id, product, category, path in zip(
@@ -135,13 +141,42 @@ def cmd_add(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    from .store import IndexStore
+    from .store.open import open_store
 
-    store = IndexStore.open(args.index)
+    store = open_store(args.index)
     removed = store.remove(args.ids)
     log.info("removed %d item(s); the index now holds %d", removed, len(store))
     if args.json:
         args.stdout.write(json.dumps({"removed": removed, "items": len(store)}) + "\n")
+    return 0
+
+
+def cmd_optimize(args) -> int:
+    from .errors import StoreError
+    from .store import IndexStore
+    from .store.ann import optimize
+    from .store.open import is_local, store_uri
+
+    uri = store_uri(args.index)
+    if uri is not None and not is_local(uri):  # checked without connecting to Milvus
+        raise StoreError(
+            f"{args.index} keeps its items in {uri}: its ANN index is the collection's own (store.ann when it was "
+            "built); csearch optimize builds the local store's"
+        )
+    store = IndexStore.open(args.index)
+    summary = optimize(store, args.ann)
+    if summary["ann"] == "none":
+        log.info("%s has no ANN index (store.ann: none); every search is exact", args.index)
+    else:
+        log.info(
+            "built the %s ANN index over %d item(s) in %.1f s: %s",
+            summary["ann"],
+            summary["items"],
+            summary["seconds"],
+            summary["file"],
+        )
+    if args.json:
+        args.stdout.write(json.dumps({**summary, "seconds": round(summary["seconds"], 3)}) + "\n")
     return 0
 
 
@@ -240,7 +275,7 @@ def cmd_demo(args) -> int:
 
     config = config_from_args(args)  # a bad flag fails before any folder is made
     with demo_folder(args.out) as out:
-        run_demo(out, config, args.stdout)
+        run_demo(out, config, args.stdout, embedder=not args.no_embedder)
     return 0
 
 

@@ -36,6 +36,7 @@ ClassifierInput = Literal["photo", "cutout"]
 Rerank = Literal["none", "iou", "fused", "iou_crop", "fused_crop", "geometric"]
 KnnEngine = Literal["numpy", "faiss", "auto"]
 AnnIndex = Literal["none", "hnsw", "ivf"]
+LocalFeatures = Literal["orb", "sift"]
 
 # old key -> new key: the old one still loads, with a one-line deprecation notice
 RENAMED_KEYS = {"localize.backend": "localize.method"}  # "backend" named four different things
@@ -124,6 +125,11 @@ class SearchConfig(_Section):
     mask_size: int = bounded(64, ge=8, le=512)  # masks are compared at mask_size x mask_size
     # the exact KNN engine: numpy | faiss | auto (exact either way; numpy measured fastest on 2 cores)
     engine: KnnEngine = "numpy"
+    # rerank: geometric (csearch.geometric). The local features and their number are fixed when the
+    # index is built with rerank: geometric; min_inliers may change per query
+    geometric_features: LocalFeatures = "sift"  # orb | sift (4-bit RootSIFT); measured, docs/results/geometric.md
+    keypoints: int = bounded(512, ge=16, le=4096)  # most keypoints kept per image
+    min_inliers: int = bounded(10, ge=4, le=4096)  # RANSAC inliers that verify a candidate
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--matting-model", metavar="PATH", help="FBA matting ONNX file, for --matting fba")
     group.add_argument(
+        "--embedder",
+        metavar="RUN_DIR",
+        help="learned product embedding (python -m csearch.train embedder): compares products by features "
+        "learned from the catalogue's own labels instead of ImageNet features (it fixes the extractor and image size)",
+    )
+    group.add_argument(
         "--classifier",
         metavar="RUN_DIR",
         help="trained category classifier "
@@ -148,8 +154,10 @@ def config_from_args(args: argparse.Namespace):
         "localize.matting": getattr(args, "matting", None),
         "localize.matting_model": getattr(args, "matting_model", None),
         "classify.classifier": getattr(args, "classifier", None),
+        "embed.embedder": getattr(args, "embedder", None),
         "preprocess.color": getattr(args, "color", None),
         "preprocess.image_size": getattr(args, "image_size", None),
+        "store.uri": getattr(args, "store", None),
     }
     overrides = {**parse_sets(getattr(args, "set", None)), **{k: v for k, v in flags.items() if v is not None}}
     return load_config(getattr(args, "config", None), overrides)

@@ -41,9 +41,9 @@ class Engine:
         """Open an index with its recorded models. The localizer gets `localizer_threads` ONNX
         Runtime threads (default: every core, for one query stream) unless the index sets
         localize.threads."""
-        from .store import IndexStore
+        from .store.open import open_store
 
-        store = IndexStore.open(index_dir)
+        store = open_store(index_dir)  # the local index folder, or the Milvus collection it names
         config = index_config(store.meta)
         if verify:  # the recorded model files, by sha256, wherever they are now (the index is not rewritten)
             config = locate_config(config, locate_files(store.meta.get("models", []), store.directory))
@@ -73,11 +73,13 @@ class Engine:
                 "this index has none, so every query searches all categories"
             )
 
-    def prepare(self, image: ImageSource) -> Prepared:
+    def prepare(self, image: ImageSource, local=None) -> Prepared:
+        """Decode, localize and build the model inputs (+ the local features of `local`, a
+        `geometric.LocalSpec`)."""
         started = time.perf_counter()
         array = load_image(image, self.config.preprocess.max_pixels, self.config.preprocess.min_side)
         decoded = time.perf_counter()
-        prepared = prepare_image(array, self.config, self.models.localizer, self.models.classifier)
+        prepared = prepare_image(array, self.config, self.models.localizer, self.models.classifier, local)
         prepared.timings_ms["decode"] = (decoded - started) * 1e3
         return prepared
 
@@ -109,8 +111,9 @@ class Engine:
                 f"search.mask_size is fixed by the index (its masks are stored at {self.config.search.mask_size} px); "
                 f"rebuild the index to change it"
             )
+        local = self._local_spec(config) if config.search.rerank == "geometric" else None
         k = config.search.k
-        prepared = self.prepare(image)
+        prepared = self.prepare(image, local)
         timings = dict(prepared.timings_ms)
         started = time.perf_counter()
         vector = self.embed(prepared)
@@ -119,7 +122,9 @@ class Engine:
         prediction = None if category is not None else self.classify(prepared)
         timings["classify"] = (time.perf_counter() - started) * 1e3
         categories = searched_categories(prediction, category, config)
-        hits, search_timings = self.search(vector, prepared.mask, k, categories, config, exclude_ids, prepared.box)
+        hits, search_timings = self.search(
+            vector, prepared.mask, k, categories, config, exclude_ids, prepared.box, prepared.local_features
+        )
         timings.update(search_timings)
         timings["total"] = sum(timings.values())
         shown = category if category is not None else (prediction.category if prediction else None)
@@ -134,6 +139,7 @@ class Engine:
         config: Optional[Config] = None,
         exclude_ids: Iterable[int] = (),
         box: Optional[np.ndarray] = None,
+        local_features: Optional[np.ndarray] = None,
     ) -> tuple[list[Hit], dict]:
         """Exact KNN over the (restricted) gallery, then re-rank the top candidates by mask IoU:
         `csearch.search.search_snapshot`, the function the retrieval evaluation ranks with. Reads
@@ -150,6 +156,7 @@ class Engine:
             settings=(config or self.config).search,
             categories=categories,
             exclude_ids=exclude_ids,
+            local_features=local_features,
         )
         hits = [
             Hit(
@@ -168,9 +175,44 @@ class Engine:
         ]
         return hits, dict(ranking.timings)
 
+    def _local_spec(self, config: Config):
+        """The local features a geometric query extracts: the index's (a one-line ConfigError when
+        it has none, or when the query asks for other ones)."""
+        from .geometric import index_local_spec
+
+        spec = index_local_spec(self.store.meta)
+        if (config.search.geometric_features, config.search.keypoints) != (spec.kind, spec.keypoints):
+            raise ConfigError(
+                f"search.geometric_features and search.keypoints are fixed by the index ({spec.kind}, "
+                f"{spec.keypoints}); rebuild the index to change them"
+            )
+        return spec
+
     def add(self, records: Sequence[Record], progress=None, workers: int = 2) -> tuple[np.ndarray, list]:
         """Index `records` (durable on return); returns (their new ids, failures as (path, reason))."""
+        self._warn_unseen_products(records)
         return add_records(self.store, records, self.config, self.models, progress, workers)
+
+    def _warn_unseen_products(self, records: Sequence[Record]) -> None:
+        """A learned embedding is best on the products it was trained on: say when others arrive
+        (they are indexed all the same)."""
+        if not self.config.embed.embedder:
+            return
+        from .embedder.run import read_embedder
+        from .errors import CSearchError
+
+        try:
+            known = read_embedder(self.config.embed.embedder).products()
+        except CSearchError:
+            return
+        unseen = sorted({r.product for r in records if r.product is not None and r.product not in known})
+        if known and unseen:
+            log.warning(
+                "%d product(s) the embedder never saw (%s): indexed all the same; retrain it on the grown "
+                "catalogue (python -m csearch.train embedder) for the best results",
+                len(unseen),
+                ", ".join(unseen[:3]) + (", ..." if len(unseen) > 3 else ""),
+            )
 
     def remove(self, ids: Iterable[int]) -> int:
         return self.store.remove(list(ids))

@@ -42,6 +42,7 @@ MODEL_FLAGS = (
     "matting",
     "matting_model",
     "classifier",
+    "embedder",
     "color",
     "image_size",
     "config",

@@ -22,15 +22,19 @@ from . import __version__
 from .config import Config
 from .data import Catalogue
 from .errors import ImageError, StoreError, one_line
+from .geometric import LOCAL_FEATURES, LocalSpec
 from .prepare import Prepared, embed_prepared, prepare_image, vector_dim
 from .preprocess import load_image
 from .resolve import (
     Models,
     build_identity,
     carried_classifier,
+    carried_embedder,
     carry_classifier,
+    carry_embedder,
     describe_files,
     load_models,
+    record_carried_embedder,
     resolve_config,
 )
 from .types import Record
@@ -60,14 +64,16 @@ class IndexReport:
 
 
 def _prepare_records(
-    records: Sequence[Record], config: Config, models: Models, workers: int
+    records: Sequence[Record], config: Config, models: Models, workers: int, local=None
 ) -> Iterator[tuple[Record, Optional[Prepared], Optional[str]]]:
-    """Decode + localize in a small thread pool (ONNX Runtime and OpenCV release the GIL), in order."""
+    """Decode + localize (+ the local features of `local`, a `geometric.LocalSpec`) in a small
+    thread pool (ONNX Runtime and OpenCV release the GIL), in order."""
 
     def work(record: Record):
         try:
             image = load_image(record.path, config.preprocess.max_pixels, config.preprocess.min_side)
-            return record, prepare_image(image, config, models.localizer, _needs_classifier(record, models)), None
+            prepared = prepare_image(image, config, models.localizer, _needs_classifier(record, models), local)
+            return record, prepared, None
         except ImageError as exc:
             return record, None, str(exc)
 
@@ -101,17 +107,19 @@ class _Embedded:
     path: str
     category: Optional[str]
     product: Optional[str]
+    local_features: Optional[np.ndarray] = None
 
 
 def _embed(prepared: Sequence[tuple[Record, Prepared]], config: Config, models: Models) -> list[_Embedded]:
     vectors = embed_prepared(models.extractor, [p for _, p in prepared], config)
     return [
-        _Embedded(vector, p.mask, p.box, str(Path(r.path).resolve()), _label(r, p, models), r.product)
+        _Embedded(vector, p.mask, p.box, str(Path(r.path).resolve()), _label(r, p, models), r.product, p.local_features)
         for (r, p), vector in zip(prepared, vectors)
     ]
 
 
 def _store(store, items: Sequence[_Embedded]) -> np.ndarray:
+    local = None if items[0].local_features is None else [i.local_features for i in items]
     return store.add(
         vectors=np.stack([i.vector for i in items]),
         masks=np.stack([i.mask for i in items]),
@@ -119,6 +127,7 @@ def _store(store, items: Sequence[_Embedded]) -> np.ndarray:
         paths=[i.path for i in items],
         categories=[i.category for i in items],
         products=[i.product for i in items],
+        extras=None if local is None else {LOCAL_FEATURES: np.stack(local)},
     )
 
 
@@ -132,13 +141,18 @@ def index_meta(config: Config, models: Models, index_dir: Optional[Path] = None)
         recorded = replace(config, classify=replace(config.classify, classifier=str(copy)))
         sources = {str(Path(f).resolve()) for f in models.classifier.files}
         files = [{**f, "path": str(copy / Path(f["path"]).name)} if f["path"] in sources else f for f in files]
+    if index_dir is not None and config.embed.embedder:
+        recorded, files = record_carried_embedder(recorded, files, index_dir)
     return {
         "csearch_version": __version__,
         "config": recorded.to_dict(),
         "models": files,
         "extractor": {"name": config.embed.extractor, "dim": vector_dim(config, models.extractor)},
         "classifier": None if models.classifier is None else str(Path(config.classify.classifier).resolve()),
+        "embedder": config.embed.embedder,  # the RUN_DIR it came from (the index carries a copy)
         "localizer": getattr(models.localizer, "name", config.localize.method),
+        # the local features every item stores for geometric re-ranking (None: the index has none)
+        LOCAL_FEATURES: LocalSpec.from_config(config.search).to_meta() if config.search.rerank == "geometric" else None,
         "complete": False,
     }
 
@@ -146,28 +160,32 @@ def index_meta(config: Config, models: Models, index_dir: Optional[Path] = None)
 def _open_or_create(out: Path, config: Config, models: Models, overwrite: bool):
     """Create the index, or open it to resume when it was built the same way (the same settings
     and model files by sha256, wherever they are); then copy its trained classifier into it."""
-    from .store import IndexStore
+    from .store.open import create_store, open_store
 
     meta = index_meta(config, models, out)
     if out.exists() and not overwrite and any(out.iterdir()):
-        store = IndexStore.open(out)
+        store = open_store(out)
         if build_identity(store.meta) != build_identity(meta):
             raise StoreError(
                 f"{out} already holds an index built with other settings or models; "
                 f"use `csearch add` to extend it, --overwrite to replace it, or another --out"
             )
     else:
-        store = IndexStore.create(
+        store = create_store(  # in the store config.store.uri names: the index folder, or Milvus
             out,
+            config.store.uri,
             meta=meta,
             dim=vector_dim(config, models.extractor),
             mask_size=config.search.mask_size,
             overwrite=overwrite,
+            ann=config.store.ann,
         )
     # before any image: the index records the copy, so the copy is made (or completed) right away;
     # an index from before copies existed, or resumed after a move, keeps what it recorded
     if meta["classifier"] and store.meta["config"]["classify"]["classifier"] == str(carried_classifier(out)):
         carry_classifier(config.classify.classifier, models.classifier, out)
+    if meta["embedder"] and store.meta["config"]["embed"]["embedder"] == str(carried_embedder(out)):
+        carry_embedder(config.embed.embedder, out)
     return store
 
 
@@ -186,6 +204,7 @@ def add_records(
     `progress(1)` is called as each image is prepared (or fails); images are embedded in batches
     of embed.batch_size and committed every CHUNK images or COMMIT_SECONDS, whichever comes first
     (`on_commit(items in the store)` after each commit). Durable on return."""
+    local = LocalSpec.from_meta(store.meta.get(LOCAL_FEATURES))  # the index decides, not the query config
     added, failures = [np.zeros(0, np.int64)], []
     waiting: list[tuple[Record, Prepared]] = []  # prepared, not yet embedded
     ready: list[_Embedded] = []  # embedded, not yet committed
@@ -206,7 +225,7 @@ def add_records(
                 on_commit(len(store))
         last_commit = clock()
 
-    for record, prepared, error in _prepare_records(records, config, models, workers):
+    for record, prepared, error in _prepare_records(records, config, models, workers, local):
         if prepared is None:
             failures.append((record.path, error))
         else:
@@ -235,13 +254,13 @@ def catalogue_key(spec: str) -> str:
 def check_same_catalogue(out: Path, catalogue: Catalogue) -> None:
     """Refuse to index `catalogue` into an existing index of another catalogue (StoreError), so
     `csearch index OTHER --out INDEX` never merges silently; the same SPEC resumes. Reads only
-    the manifest, so it runs before any model is loaded."""
-    from .store import MANIFEST
-    from .store.manifest import read_manifest
+    the index's meta, so it runs before any model is loaded."""
+    from .store.open import read_meta
 
-    if not (out / MANIFEST).is_file():
+    meta = read_meta(out)  # the local manifest's, or a Milvus store's records
+    if meta is None:
         return
-    recorded = read_manifest(out)["meta"].get("catalogue")
+    recorded = meta.get("catalogue")
     if recorded is None or catalogue_key(recorded) == catalogue_key(catalogue.spec):
         return
     raise StoreError(
@@ -281,17 +300,22 @@ def build_index(
     models: Optional[Models] = None,
     workers: int = 2,
     on_commit: Optional[Callable[[int], None]] = None,
+    adder: Optional[Callable] = None,
 ) -> IndexReport:
     """Index a catalogue into `out`. Re-running with the same catalogue resumes after the last
     commit; another catalogue at an existing `out` is refused unless `overwrite`.
 
     `progress(n)` counts images done (the resumed ones first, then one per image prepared);
     `on_commit(items)` follows each commit. Images that could not be read are skipped, returned
-    in the report and listed in INDEX_DIR/failures.txt."""
+    in the report and listed in INDEX_DIR/failures.txt. `adder` replaces `add_records` (same
+    arguments and result), e.g. `indexing_ray.ray_adder(address)` runs the images on Ray Data."""
     started = time.perf_counter()
     out = Path(out)
     if not overwrite:
         check_same_catalogue(out, catalogue)
+    from .store.open import parse_store
+
+    parse_store(config.store.uri, out)  # a malformed STORE fails before any model loads
     if models is None:
         config = resolve_config(config)
         models = load_models(config)
@@ -303,10 +327,14 @@ def build_index(
     todo = [r for r in catalogue.records if str(Path(r.path).resolve()) not in done]
     if progress and len(todo) < len(catalogue.records):
         progress(len(catalogue.records) - len(todo))
-    ids, failures = add_records(store, todo, config, models, progress, workers, on_commit)
+    ids, failures = (adder or add_records)(store, todo, config, models, progress, workers, on_commit)
     failures = tuple(failures) + tuple(catalogue.skipped)
     failures_file = write_failures(out, failures)
     store.update_meta({"complete": True})
+    if config.store.ann != "none" and hasattr(store, "commit_ann"):  # the local store's ANN index (store.ann)
+        from .store.ann import ensure
+
+        ensure(store, config.store.ann)
     return IndexReport(
         str(out),
         len(ids),

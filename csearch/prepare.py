@@ -29,6 +29,7 @@ class Prepared:
     localization: Localization
     timings_ms: dict = field(default_factory=dict)
     photo_input: Optional[np.ndarray] = None  # uint8 (S, S, 3): the whole photo (embed.views)
+    local_features: Optional[np.ndarray] = None  # uint8 record of keypoints + descriptors (csearch.geometric)
 
 
 def photo_view(config: Config) -> bool:
@@ -55,8 +56,9 @@ def embed_prepared(extractor, prepared: Sequence[Prepared], config: Config) -> n
     return combine_views(cutouts, photos, config.embed.photo_weight)
 
 
-def prepare_image(image: np.ndarray, config: Config, localizer, classifier=None) -> Prepared:
-    """Localize and cut out the object, then build the model inputs and the compact mask."""
+def prepare_image(image: np.ndarray, config: Config, localizer, classifier=None, local=None) -> Prepared:
+    """Localize and cut out the object, then build the model inputs and the compact mask; with
+    `local` (a `geometric.LocalSpec`) also the local features of the object's box in the photo."""
     from .masks import resize_mask
 
     started = time.perf_counter()
@@ -85,4 +87,11 @@ def prepare_image(image: np.ndarray, config: Config, localizer, classifier=None)
     norm_box = np.array([x0 / width, y0 / height, x1 / width, y1 / height], np.float32)
     mask = resize_mask(loc.mask, config.search.mask_size)
     timings = {"localize": (localized - started) * 1e3, "prepare": (time.perf_counter() - localized) * 1e3}
-    return Prepared(extractor_input, classifier_input, mask, norm_box, loc, timings, photo_input)
+    local_features = None
+    if local is not None:
+        from .geometric import extract
+
+        prepared = time.perf_counter()
+        local_features = extract(image, local, loc.box, config.localize.margin)
+        timings["local_features"] = (time.perf_counter() - prepared) * 1e3
+    return Prepared(extractor_input, classifier_input, mask, norm_box, loc, timings, photo_input, local_features)

@@ -22,6 +22,7 @@ LEGACY_DEFAULTS = {"embed": {"views": "cutout"}, "classify": {"input": "cutout"}
 # config keys naming model files or folders (embed.extractor only when it is an .onnx file)
 MODEL_PATH_KEYS = (
     "embed.extractor",
+    "embed.embedder",
     "embed.weights",
     "localize.model",
     "localize.matting_model",
@@ -29,6 +30,8 @@ MODEL_PATH_KEYS = (
 )
 CARRIED_MODELS = "models"  # INDEX_DIR/models: the trained models an index carries
 CARRIED_CLASSIFIER = Path(CARRIED_MODELS) / "classifier"
+CARRIED_EMBEDDER = Path(CARRIED_MODELS) / "embedder"
+EMBEDDER_FILES = ("embedder.onnx", "embedder.json", "products.json")  # what queries read of an embedder RUN_DIR
 
 
 @dataclass
@@ -53,16 +56,26 @@ def query_threads(workers: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-def load_models(config: Config, localizer_threads: Optional[int] = None) -> Models:
+def load_models(
+    config: Config, localizer_threads: Optional[int] = None, only: Optional[Iterable[str]] = None
+) -> Models:
     """The models `config` names. `localize.threads`, when set, wins over `localizer_threads` (the
-    caller's policy; None: the localizer's own default, 1)."""
+    caller's policy; None: the localizer's own default, 1). `only` loads just those of "localizer",
+    "extractor", "classifier" (the others are None): a Ray indexing actor loads its one model."""
     from .localize import make_localizer
     from .models import load_extractor
 
-    localizer = make_localizer(config.localize, threads=config.localize.threads or localizer_threads)
-    extractor = load_extractor(config.embed.extractor, config.embed.weights, image_size=config.preprocess.image_size)
-    classifier = None
-    if config.classify.classifier:
+    wanted = {"localizer", "extractor", "classifier"} if only is None else set(only)
+    if config.embed.embedder:
+        config = with_embedder(config)
+    localizer = extractor = classifier = None
+    if "localizer" in wanted:
+        localizer = make_localizer(config.localize, threads=config.localize.threads or localizer_threads)
+    if "extractor" in wanted:
+        extractor = load_extractor(
+            config.embed.extractor, config.embed.weights, image_size=config.preprocess.image_size
+        )
+    if config.classify.classifier and "classifier" in wanted:
         from .classify import Classifier
 
         classifier = Classifier.load(config.classify.classifier)
@@ -209,6 +222,41 @@ def carry_classifier(run_dir: str | Path, classifier, index_dir: str | Path) -> 
     return target
 
 
+def carried_embedder(index_dir: str | Path) -> Path:
+    """Where an index keeps the copy of its learned embedder: INDEX_DIR/models/embedder."""
+    return (Path(index_dir) / CARRIED_EMBEDDER).resolve()
+
+
+def record_carried_embedder(config: Config, files: list[dict], index_dir: Path) -> tuple[Config, list[dict]]:
+    """(config, model files) as an index records them when it carries its embedder: both name the
+    copy in INDEX_DIR/models/embedder, so the index keeps working when the RUN_DIR goes away."""
+    copy = carried_embedder(index_dir)
+    model = str(Path(config.embed.extractor).resolve())
+    embed = replace(config.embed, embedder=str(copy), extractor=str(copy / Path(model).name))
+    files = [{**f, "path": str(copy / Path(f["path"]).name)} if f["path"] == model else f for f in files]
+    return replace(config, embed=embed), files
+
+
+def carry_embedder(run_dir: str | Path, index_dir: str | Path) -> Path:
+    """Copy what queries read of an embedder RUN_DIR into `carried_embedder(index_dir)`, each file
+    atomically and only if not there already. Returns the copy's folder."""
+    from .models import file_sha256
+    from .store.durable import fsync_dir, write_bytes_atomic
+
+    source, target = Path(run_dir), carried_embedder(index_dir)
+    if source.resolve() == target:
+        return target
+    for folder in (target.parent, target):
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(folder.parent)
+    for name in EMBEDDER_FILES:
+        copy = target / name
+        if (source / name).is_file() and not (copy.is_file() and file_sha256(copy) == file_sha256(source / name)):
+            write_bytes_atomic(copy, (source / name).read_bytes())
+    return target
+
+
 def index_config(meta: dict) -> Config:
     """The config an index was built with; keys it predates take the values it was built with."""
     data = {section: dict(values) for section, values in meta["config"].items()}
@@ -218,11 +266,39 @@ def index_config(meta: dict) -> Config:
     return config_from_dict(data, notify_deprecated=False)
 
 
+def with_embedder(config: Config) -> Config:
+    """`config` with the extractor replaced by the embedder's model and its image size. The
+    embedder fixes both: another one given beside it is an error, not silently ignored (the
+    defaults give way)."""
+    from .config import default_value
+    from .embedder.run import read_embedder
+
+    run = read_embedder(config.embed.embedder)
+    extractor = config.embed.extractor
+    if extractor not in (default_value("embed.extractor"), run.extractor, str(run.model)) and Path(
+        extractor
+    ).name not in (run.extractor, run.model.name):
+        raise ConfigError(
+            f"the embedder {run.folder} was trained on {run.extractor} and fixes the extractor; "
+            f"drop --extractor {extractor} (or train an embedder on it)"
+        )
+    size = config.preprocess.image_size
+    if size != run.image_size and size != default_value("preprocess.image_size"):
+        raise ConfigError(
+            f"the embedder {run.folder} takes {run.image_size} px images; drop --image-size "
+            f"{config.preprocess.image_size} (preprocess.image_size)"
+        )
+    embed = replace(config.embed, extractor=str(run.model), weights=None, embedder=str(run.folder))
+    return replace(config, embed=embed, preprocess=replace(config.preprocess, image_size=run.image_size))
+
+
 def resolve_config(config: Config) -> Config:
     """Replace model names/"imagenet" by the absolute files they resolve to, so an index records
     (and its queries reuse) exactly the files it was built with."""
     from .models import get_spec, resolve_weights
 
+    if config.embed.embedder:
+        config = with_embedder(config)
     localize, embed = config.localize, config.embed
     if embed.extractor.endswith(".onnx"):  # an exported extractor file carries its own weights
         embed = replace(embed, extractor=str(Path(embed.extractor).expanduser().resolve()), weights=None)

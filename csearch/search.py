@@ -19,6 +19,9 @@ masks with the query's, compared bit-packed (`pack_masks`, the format the index 
                 as iou / fused, with each mask first cropped to its box and resized to a common
                 size, so IoU compares shapes rather than where and how big the object is in
                 the frame (full-frame IoU penalises a product photographed off-centre).
+    geometric   local features matched by ratio test + RANSAC homography (csearch.geometric):
+                verified candidates (>= search.min_inliers inliers) first, by inliers, then the
+                others by distance; score inliers + 1 / (1 + distance) when verified
 
 The IoU of two empty masks is defined as 0: an empty mask means localization found nothing,
 which is no evidence that two images show the same shape.
@@ -35,6 +38,7 @@ import numpy as np
 
 from .config import allowed_values
 from .errors import ConfigError, unknown_name
+from .geometric import LOCAL_FEATURES, index_local_spec, rerank_geometric
 from .knn import knn
 from .masks import mask_iou, mask_iou_cropped, pack_masks
 
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
     from .config import SearchConfig
 
 RERANK_METHODS = allowed_values("search.rerank")
+MASK_METHODS = tuple(m for m in RERANK_METHODS if m != "geometric")  # what `rerank`/`rerank_with_masks` do
 
 
 # ---------------------------------------------------------------------------------- re-ranking
@@ -54,8 +59,10 @@ def rerank(
     scores[i] belonging to candidate order[i]. See the module docstring for each method; the
     `_crop` methods order like their base, given IoUs from `mask_iou_cropped`. Remaining ties
     keep the candidates' given order."""
-    if method not in RERANK_METHODS:
-        raise unknown_name("re-ranking method", method, RERANK_METHODS)
+    if method == "geometric":
+        raise ValueError("geometric re-ranking compares local features, not IoUs: see geometric.rerank_geometric")
+    if method not in MASK_METHODS:
+        raise unknown_name("re-ranking method", method, MASK_METHODS)
     distances = np.asarray(distances, np.float64).reshape(-1)
     position = np.arange(len(distances))
     base = method.removesuffix("_crop")
@@ -91,8 +98,10 @@ def rerank_with_masks(
 ):
     """`rerank` with the IoUs the method needs: returns (order, scores, ious in that order, or
     None for method "none"). bits/boxes are the candidates' packed masks and boxes."""
-    if method not in RERANK_METHODS:
-        raise unknown_name("re-ranking method", method, RERANK_METHODS)
+    if method == "geometric":
+        raise ValueError("geometric re-ranking compares local features, not masks: see geometric.rerank_geometric")
+    if method not in MASK_METHODS:
+        raise unknown_name("re-ranking method", method, MASK_METHODS)
     if method == "none":
         order, scores = rerank(distances, None, method)
         return order, scores, None
@@ -153,14 +162,21 @@ def search_snapshot(
     categories: Optional[Sequence[str]] = None,
     exclude_ids: Iterable[int] = (),
     reorder: Optional[Reorder] = None,
+    local_features: Optional[np.ndarray] = None,
 ) -> Ranking:
     """The k best items of `snapshot` for one query: restriction to `categories` minus
-    `exclude_ids`, exact KNN (`settings.engine`), then the first `settings.rerank_top`
-    candidates re-ordered by `settings.rerank` (or by `reorder`, which replaces it).
+    `exclude_ids`, exact KNN (`settings.engine`; over the ANN's candidates and the items added
+    since, when the index has an ANN and no category restricts the search: `store.ann`), then
+    the first `settings.rerank_top` candidates re-ordered by `settings.rerank` (or by `reorder`).
 
     vector: the query's (D,) vector; mask: its bool (S, S) object mask or the packed bits of one
-    (`pack_masks`); box: its normalised box (None: the whole frame).
+    (`pack_masks`); box: its normalised box (None: the whole frame); local_features: the query's
+    `geometric` record, needed by rerank geometric (the index must store them too).
     """
+    if settings.rerank == "geometric" and reorder is None:
+        index_local_spec(snapshot.meta)  # one-line ConfigError when the index has none
+        if local_features is None:
+            raise ConfigError("search.rerank geometric needs the query's local features (csearch.geometric.extract)")
     started = time.perf_counter()
     rows = allowed_rows(snapshot, categories, exclude_ids)
     reranking = reorder is not None or settings.rerank != "none"
@@ -168,6 +184,11 @@ def search_snapshot(
     if len(snapshot) == 0 or (rows is not None and len(rows) == 0):
         found, distances = np.zeros(0, np.int64), np.zeros(0, np.float32)
     else:
+        # an unrestricted search on an index with an ANN (store.ann) ranks only its candidates,
+        # plus the items added since it was built, exactly; category-restricted searches stay exact
+        ann = None if categories else getattr(snapshot, "ann", None)
+        candidates = None if ann is None else ann.candidate_rows(np.asarray(vector, np.float32), depth, rows)
+        rows = rows if candidates is None else candidates
         found, distances = knn(snapshot.blocks(), np.asarray(vector)[None], depth, rows=rows, engine=settings.engine)
         found, distances = found[0], distances[0]
     searched = time.perf_counter()
@@ -175,7 +196,9 @@ def search_snapshot(
     scores = (1.0 / (1.0 + distances.astype(np.float64))).astype(np.float32)  # KNN order's scores
     ious = np.full(len(found), np.nan, np.float32)
     if top:
-        order, top_scores, top_ious = _rerank_top(snapshot, found[:top], distances[:top], mask, box, settings, reorder)
+        order, top_scores, top_ious = _rerank_top(
+            snapshot, found[:top], distances[:top], mask, box, settings, reorder, local_features
+        )
         found = np.concatenate([found[:top][order], found[top:]])
         distances = np.concatenate([distances[:top][order], distances[top:]])
         scores[:top] = scores[:top][order] if top_scores is None else top_scores
@@ -195,11 +218,16 @@ def _rerank_top(
     box: Optional[np.ndarray],
     settings: SearchConfig,
     reorder: Optional[Reorder],
+    local_features: Optional[np.ndarray] = None,
 ):
     """(order, scores or None, IoUs or None) of the candidates to re-rank; a `reorder` gives
     the order only (its candidates keep their KNN scores)."""
     if reorder is not None:
         return np.asarray(reorder(rows, distances)), None, None
+    if settings.rerank == "geometric":
+        candidates = snapshot.gather(LOCAL_FEATURES, rows)
+        order, scores, _ = rerank_geometric(distances, local_features, candidates, settings.min_inliers)
+        return order, scores, None
     mask = np.asarray(mask)
     query_bits = pack_masks(mask[None])[0] if mask.dtype == bool else mask
     query_box = np.array([0, 0, 1, 1], np.float32) if box is None else box

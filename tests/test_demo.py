@@ -12,10 +12,26 @@ def test_demo_indexes_and_queries_its_catalogue(tmp_path, tiny_config):
     assert found >= 3  # 9 look-alike products; even the tiny random extractor beats chance (1/9)
     assert (tmp_path / "demo" / "index" / "manifest.json").is_file()
     assert (tmp_path / "demo" / "index" / "config.yaml").is_file()
+    # then a product embedding trained on the demo catalogue, and its own index, compared
+    assert "With the learned embedding" in text
+    learned = int(text.split("With the learned embedding")[1].split(": ", 1)[1].split("/")[0])
+    assert 0 <= learned <= 9  # (the tiny extractor is random: its quality is not the point here)
+    assert (tmp_path / "demo" / "embedder" / "embedder.onnx").is_file()
+    assert (tmp_path / "demo" / "index-embedder" / "manifest.json").is_file()
 
 
 def demo_argv(extractor, *more):
-    return ["demo", "--extractor", str(extractor), "--localizer", "classical", "--image-size", "32", *more]
+    return [
+        "demo",
+        "--extractor",
+        str(extractor),
+        "--localizer",
+        "classical",
+        "--image-size",
+        "32",
+        "--no-embedder",
+        *more,
+    ]
 
 
 def test_demo_without_out_uses_a_new_temporary_folder_it_keeps(tmp_path, tiny_extractor, monkeypatch, capfd):

@@ -209,7 +209,8 @@ def test_query_features_save_and_load(setup, tmp_path):
     assert back.records == queries.records and back.backends == queries.backends
 
 
-def test_cli_writes_retrieval_json_with_the_promised_keys(setup, tmp_path, capfd):
+@pytest.mark.parametrize("rerank", ["iou", "geometric"])  # geometric: query local features reach the search
+def test_cli_writes_retrieval_json_with_the_promised_keys(setup, tmp_path, capfd, rerank):
     from csearch import evaluate
 
     out = tmp_path / "out"
@@ -235,7 +236,7 @@ def test_cli_writes_retrieval_json_with_the_promised_keys(setup, tmp_path, capfd
             "--cache-dir",
             str(setup["cache"]),
             "--rerank",
-            "iou",
+            rerank,
             "--rerank-top",
             "5",
             "--json",
@@ -262,7 +263,7 @@ def test_cli_writes_retrieval_json_with_the_promised_keys(setup, tmp_path, capfd
         assert 0.0 <= report[key] <= 1.0
     assert report["n_queries"] == 12 and report["n_gallery"] == 12
     assert report["category_accuracy"] is None and report["restriction"] == "off"
-    assert report["config"]["search"]["rerank"] == "iou"
+    assert report["config"]["search"]["rerank"] == rerank
     assert report["ranking_mismatches_vs_engine"] == 0
     assert set(report["latency_ms"]) >= {"decode", "localize", "embed", "search", "rerank", "total"}
     captured = capfd.readouterr()

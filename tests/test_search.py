@@ -188,7 +188,7 @@ def test_rerank_validates():
     assert rerank([], [], "iou")[0].shape == (0,)
 
 
-@pytest.mark.parametrize("method", search.RERANK_METHODS)
+@pytest.mark.parametrize("method", search.MASK_METHODS)  # geometric: tests/test_geometric.py
 def test_rerank_with_masks(method):
     frames = np.zeros((4, 32, 32), bool)
     triangle(frames[0], 8, 8, 16, 16)  # the query

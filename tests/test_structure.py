@@ -154,7 +154,8 @@ def test_query_path_imports_neither_keras_nor_tensorflow():
     code = (
         "import sys\n"
         "import csearch, csearch.pipeline, csearch.search, csearch.store, csearch.models, csearch.localize, "
-        "csearch.classify, csearch.embed, csearch.masks, csearch.knn, csearch.config, csearch.console\n"
+        "csearch.classify, csearch.embed, csearch.masks, csearch.knn, csearch.config, csearch.console, "
+        "csearch.embedder.run, csearch.embedder.trunk, csearch.resolve, csearch.engine\n"
         "heavy = sorted(m for m in ('keras', 'tensorflow') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )

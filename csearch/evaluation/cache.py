@@ -15,6 +15,7 @@ import copy
 import hashlib
 import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,9 +69,12 @@ class ArrayCache:
     With `defer=True` entries are kept in memory until `flush()`, so compressing them never
     lands inside a timed query."""
 
-    def __init__(self, root: str | Path, defer: bool = False):
+    def __init__(self, root: str | Path, defer: bool = False, sync: bool = True):
         self.root = Path(root)
         self.defer = defer
+        # sync=False: atomic but not fsynced (much faster for many small entries); an entry a crash
+        # left unreadable reads as a miss and is computed again
+        self.sync = sync
         self.pending: list[tuple[str, dict]] = []
         self.hits = 0
         self.misses = 0
@@ -83,9 +87,14 @@ class ArrayCache:
         if not path.is_file():
             self.misses += 1
             return None
-        with np.load(path, allow_pickle=False) as data:
-            self.hits += 1
-            return {name: data[name] for name in data.files}
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                entry = {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry
 
     def put(self, key: str, **arrays: np.ndarray) -> None:
         if self.defer:
@@ -101,7 +110,7 @@ class ArrayCache:
     def _write(self, key: str, arrays: dict) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, npz_bytes(arrays))
+        write_bytes_atomic(path, npz_bytes(arrays), sync=self.sync)
 
 
 def npz_bytes(arrays: dict) -> bytes:

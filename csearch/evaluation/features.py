@@ -67,6 +67,7 @@ def feature_settings(config: Config) -> dict:
         "embed": embed,
         "mask_size": config.search.mask_size,
         "code": feature_code_digest(),
+        **({"local": local_spec(config).to_meta()} if local_spec(config) is not None else {}),
     }
 
 
@@ -80,7 +81,7 @@ def feature_code_digest() -> str:
         sorted(root.glob("localize/*.py"))
         + sorted(root.glob("models/*.py"))
         + sorted(root.glob("store/*.py"))
-        + [root / n for n in ("preprocess.py", "masks.py", "prepare.py", "indexing.py", "embed.py")]
+        + [root / n for n in ("preprocess.py", "masks.py", "prepare.py", "indexing.py", "embed.py", "geometric.py")]
         + [root / "evaluation" / "cache.py"]
     )
     return settings_digest([file_sha256(f) for f in files if f.is_file()])
@@ -166,6 +167,7 @@ class QueryFeatures:
     backends: list[str]  # what localized each query (fallbacks visible)
     probs: Optional[np.ndarray] = None  # float32 (Q, C) classifier probabilities
     class_names: Optional[list[str]] = None
+    local_features: Optional[np.ndarray] = None  # uint8 (Q, B) geometric records (search.rerank: geometric)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -185,6 +187,8 @@ class QueryFeatures:
         }
         if self.probs is not None:
             arrays.update(probs=self.probs, class_names=np.array(json.dumps(self.class_names)))
+        if self.local_features is not None:
+            arrays.update(local_features=self.local_features)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, npz_bytes(arrays))
 
@@ -196,7 +200,9 @@ class QueryFeatures:
             masks = np.unpackbits(data["masks"], axis=1, count=side * side).reshape(-1, side, side).astype(bool)
             probs = data["probs"] if "probs" in data.files else None
             names = json.loads(str(data["class_names"])) if "class_names" in data.files else None
-            return cls(records, data["vectors"], masks, data["boxes"], json.loads(str(data["backends"])), probs, names)
+            local = data["local_features"] if "local_features" in data.files else None
+            backends = json.loads(str(data["backends"]))
+            return cls(records, data["vectors"], masks, data["boxes"], backends, probs, names, local)
 
 
 def query_features(
@@ -232,13 +238,14 @@ def compute_query_features(
 ) -> QueryFeatures:
     """The same steps as Engine.prepare/embed/classify, batched. Unreadable images are an
     error: a query set silently shrinking would change every metric."""
+    local = local_spec(config)
     parts = []
     for start in range(0, len(records), QUERY_CHUNK):
         chunk = records[start : start + QUERY_CHUNK]
         prepared = []
         for record in chunk:
             image = load_image(record.path, config.preprocess.max_pixels, config.preprocess.min_side)
-            prepared.append(prepare_image(image, config, models.localizer, models.classifier))
+            prepared.append(prepare_image(image, config, models.localizer, models.classifier, local))
             if progress:
                 progress(1)
         vectors = embed_prepared(models.extractor, prepared, config)
@@ -256,7 +263,17 @@ def compute_query_features(
         backends=[p.localization.produced_by for p in prepared],
         probs=probs,
         class_names=list(models.classifier.class_names) if models.classifier is not None else None,
+        local_features=None if local is None else np.stack([p.local_features for p in prepared]),
     )
+
+
+def local_spec(config: Config):
+    """The geometric re-ranker's local features spec when the config asks for it, else None."""
+    if config.search.rerank != "geometric":
+        return None
+    from ..geometric import LocalSpec
+
+    return LocalSpec.from_config(config.search)
 
 
 def store_as_queries(store) -> QueryFeatures:

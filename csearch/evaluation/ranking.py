@@ -98,6 +98,7 @@ def rank_queries(
             categories=query_categories(queries, q, config, restriction),
             exclude_ids=gallery.ids[excluded[q]],
             reorder=None if reranker is None else functools.partial(reranker, q),
+            local_features=None if queries.local_features is None else queries.local_features[q],
         )
         timings.append(ranking.timings)
         kept.append(q)

@@ -82,18 +82,19 @@ def run_queries(engine, queries, cache_dir: Path, read_cache: bool, progress: Op
     Returns (QueryFeatures, per-query timings, per-query hits of the timed search)."""
     from ..pipeline import embed_prepared, prepare_image, searched_categories
     from ..preprocess import load_image
-    from .features import QueryFeatures, cached_models, flush_caches, prediction_from
+    from .features import QueryFeatures, cached_models, flush_caches, local_spec, prediction_from
     from .ranking import self_rows
 
     config, gallery = engine.config, engine.store.snapshot
     models = cached_models(engine.models, config, cache_dir, read=read_cache)
     excluded = self_rows(gallery, queries.records)
-    vectors, masks, boxes, backends, probs, timings, hits_all = [], [], [], [], [], [], []
+    local = local_spec(config)  # the geometric re-ranker's query features, as Engine.query extracts them
+    vectors, masks, boxes, backends, probs, timings, hits_all, locals_ = [], [], [], [], [], [], [], []
     for q, record in enumerate(queries.records):
         started = time.perf_counter()
         image = load_image(record.path, config.preprocess.max_pixels, config.preprocess.min_side)
         decoded = time.perf_counter()
-        prepared = prepare_image(image, config, models.localizer, models.classifier)
+        prepared = prepare_image(image, config, models.localizer, models.classifier, local)
         times = {"decode": (decoded - started) * 1e3, **prepared.timings_ms}
         started = time.perf_counter()
         vector = embed_prepared(models.extractor, [prepared], config)[0]
@@ -114,8 +115,10 @@ def run_queries(engine, queries, cache_dir: Path, read_cache: bool, progress: Op
             config,
             exclude_ids=gallery.ids[excluded[q]],
             box=prepared.box,
+            local_features=prepared.local_features,
         )
         times.update(search_times)
+        locals_.append(prepared.local_features)
         times["total"] = sum(times.values())
         vectors.append(vector)
         masks.append(prepared.mask)
@@ -134,6 +137,7 @@ def run_queries(engine, queries, cache_dir: Path, read_cache: bool, progress: Op
         backends,
         np.stack(probs) if probs else None,
         list(models.classifier.class_names) if models.classifier is not None else None,
+        None if local is None else np.stack(locals_),
     )
     return features, timings, hits_all
 
@@ -163,6 +167,9 @@ def evaluate_headline(
     report.update(
         {
             "category_accuracy": category_accuracy(features),
+            # the category of the first result: the search's own category prediction (a vote of the
+            # nearest gallery item); without a classifier it measures the features alone
+            "nearest_category_accuracy": nearest_category_accuracy(gallery, features, evaluation),
             "latency_ms_p50": round(latency["total"]["p50"], 2),
             "latency_ms_p95": round(latency["total"]["p95"], 2),
             "n_queries": int(len(evaluation.kept)),
@@ -194,6 +201,16 @@ def top1_error_breakdown(gallery, features, evaluation) -> dict:
             wrong += 1
             same += gallery.categories[ranking[0]] == features.records[q].category
     return {"top1_errors": wrong, "same_category": same}
+
+
+def nearest_category_accuracy(gallery, features, evaluation) -> Optional[float]:
+    """Share of the ranked queries whose first result has the query's category."""
+    right = [
+        gallery.categories[ranking[0]] == features.records[q].category
+        for q, ranking in zip(evaluation.kept, evaluation.rankings)
+        if len(ranking) and features.records[q].category is not None
+    ]
+    return round(float(np.mean(right)), 4) if right else None
 
 
 def count_mismatches(gallery, evaluation, hits) -> int:

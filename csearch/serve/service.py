@@ -30,8 +30,9 @@ THUMBNAIL_CACHE = 512  # thumbnails kept in memory (ids are never reused, so nev
 
 
 class SharedStore:
-    """The IndexStore all workers share, with every write behind one mutex (the store allows one
-    writer at a time per process; its flock orders processes). Reads go through `snapshot`."""
+    """The store all workers share (any `store.base.VectorStore`: the local IndexStore or a
+    Milvus one), with every write behind one mutex (a store allows one writer at a time per
+    process; the local store's flock orders processes). Reads go through `snapshot`."""
 
     def __init__(self, store):
         self._store, self._mutex = store, threading.Lock()
@@ -39,6 +40,13 @@ class SharedStore:
     @property
     def snapshot(self):
         return self._store.snapshot
+
+    @property
+    def meta(self) -> dict:
+        return self._store.meta
+
+    def __len__(self) -> int:
+        return len(self._store)
 
     @property
     def directory(self) -> Path:

@@ -28,7 +28,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -37,9 +37,19 @@ import numpy as np
 
 from ..errors import StoreError
 from ..masks import mask_bytes
+from .ann import ANN_PREFIX
 from .durable import TMP_PREFIX, fsync_dir, write_npy
 from .manifest import FORMAT, MANIFEST, VERSION, read_manifest, write_manifest
-from .segments import SEGMENT_PREFIX, Source, merge_start, segment_name, segment_number, validate_add, write_segment
+from .segments import (
+    SEGMENT_PREFIX,
+    Source,
+    check_extras,
+    merge_start,
+    segment_name,
+    segment_number,
+    validate_add,
+    write_segment,
+)
 from .snapshot import Snapshot, load_snapshot
 
 LOCK_FILE = "writer.lock"
@@ -185,7 +195,9 @@ class IndexStore:
     def _write(self, manifest: dict, sources: list[Source]) -> dict:
         name = segment_name(manifest["next_segment"])
         manifest["next_segment"] += 1
-        return write_segment(self.directory, name, sources, manifest["dim"], mask_bytes(manifest["mask_size"]))
+        return write_segment(
+            self.directory, name, sources, manifest["dim"], mask_bytes(manifest["mask_size"]), manifest.get("extras")
+        )
 
     def add(
         self,
@@ -195,19 +207,27 @@ class IndexStore:
         paths: Sequence[str],
         categories: Optional[Sequence[Optional[str]]] = None,
         products: Optional[Sequence[Optional[str]]] = None,
+        extras: Optional[Mapping[str, np.ndarray]] = None,
     ) -> np.ndarray:
         """Append items; return their new ids (int64, ascending). Durable when it returns.
 
         vectors float32 (n, dim); masks bool (n, S, S) with S = mask_size (see `masks.resize_mask`);
-        boxes float (n, 4) normalised (see `masks.normalized_box`); paths are stored absolute. When the new
-        segment completes a size tier, the tier is merged into it in the same commit.
+        boxes float (n, 4) normalised (see `masks.normalized_box`); paths are stored absolute.
+        extras: named per-item columns, one fixed-shape row per item; the first add into an index
+        that never held an item declares them, and every later add must carry the same ones
+        (`segments.check_extras`). When the new segment completes a size tier, the tier is merged
+        into it in the same commit.
         """
         with self._writing() as manifest:
             new = validate_add(
                 vectors, masks, boxes, paths, categories, products, manifest["dim"], manifest["mask_size"]
             )
+            columns, schema = check_extras(extras, len(new), manifest.get("extras") or {}, manifest["next_id"] == 0)
             if not len(new):
                 return np.zeros(0, np.int64)
+            if schema:
+                manifest["extras"] = schema
+                new = replace(new, extras=columns)
             ids = np.arange(manifest["next_id"], manifest["next_id"] + len(new), dtype=np.int64)
             snapshot = self._snapshot
             start = merge_start(snapshot.segment_rows() + [len(ids)])
@@ -261,9 +281,18 @@ class IndexStore:
             manifest["segments"] = [self._write(manifest, snapshot.sources())] if len(snapshot) else []
             self._commit(manifest, np.zeros(0, np.int64))
 
+    def commit_ann(self, write: Callable[[Path, dict], None]) -> None:
+        """Replace the index's ANN file (`store.ann`, see `ann`) in one atomic commit: under the
+        writer's lock, `write(directory, manifest)` writes the new file (named ANN_PREFIX...) and
+        sets manifest["ann"] (None: no ANN) in the manifest copy it gets, which is then committed.
+        Later commits keep the entry; the file it replaces is deleted."""
+        with self._writing() as manifest:
+            write(self.directory, manifest)
+            self._commit(manifest, self._snapshot.tombstones)
+
 
 def _is_ours(name: str) -> bool:
-    return name in (MANIFEST, LOCK_FILE) or name.startswith((SEGMENT_PREFIX, TOMB_PREFIX, TMP_PREFIX))
+    return name in (MANIFEST, LOCK_FILE) or name.startswith((SEGMENT_PREFIX, TOMB_PREFIX, TMP_PREFIX, ANN_PREFIX))
 
 
 def _collect_garbage(directory: Path, manifest: dict) -> None:
@@ -273,6 +302,8 @@ def _collect_garbage(directory: Path, manifest: dict) -> None:
     keep = {e["name"] for e in manifest["segments"]} | {MANIFEST, LOCK_FILE}
     if manifest.get("tombstones"):
         keep.add(manifest["tombstones"]["file"])
+    if manifest.get("ann"):
+        keep.add(manifest["ann"]["file"])
     for path in directory.iterdir():
         if path.name in keep or not _is_ours(path.name):
             continue

@@ -1,7 +1,8 @@
 """manifest.json, the index's commit point: reading and checking it, and replacing it durably.
 
 It holds format, version, uuid, generation, dim, mask_size, next_id, next_segment, live,
-segments [{name, rows, first_id, last_id}, ...], tombstones ({file, count} or null) and meta {...}.
+segments [{name, rows, first_id, last_id}, ...], tombstones ({file, count} or null), meta {...}
+and, once declared, extras {column: {shape, dtype}} (optional per-item columns, `segments`).
 A reader sees exactly the segments and tombstones one manifest lists; a writer's change exists
 once `write_manifest` has replaced the file.
 """
@@ -57,6 +58,8 @@ def read_manifest(directory: Path) -> dict:
     for key, kind in _MANIFEST_KEYS.items():
         if not isinstance(manifest.get(key), kind):
             raise StoreError(f"index {directory}: {MANIFEST} lacks a valid {key!r}")
+    if not isinstance(manifest.get("extras", {}), dict):
+        raise StoreError(f"index {directory}: {MANIFEST} has an invalid 'extras'")
     if manifest["version"] > VERSION:
         raise StoreError(
             f"index {directory} has format version {manifest['version']}; this csearch "

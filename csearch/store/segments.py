@@ -9,6 +9,10 @@ A segment folder ``seg-NNNNNN/`` holds (n rows, ids ascending)::
     masks.npy      uint8 (n, ceil(S*S/8))  masks resized to S x S, row-major, packed
     boxes.npy      float32 (n, 4)    the mask's box (x0, y0, x1, y1) / (W, H), exclusive end
     items.json     {"paths": [...], "categories": [...], "products": [...]}
+    NAME.npy       one per extras column the index declares (manifest "extras"): (n, *shape) dtype
+
+Extras are optional named per-item columns (e.g. "local_features" for geometric re-ranking). An
+index declares them with its first add (`check_extras`), and from then on every add carries them.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Optional
@@ -34,6 +39,8 @@ SEGMENT_PREFIX = "seg-"
 MERGE_FACTOR = 10  # merge when this many trailing segments share a size tier (see merge_start)
 COPY_ROWS = 8192  # rows per chunk when a merge streams segments into a new one (bounds memory)
 STRING_COLUMNS = ("paths", "categories", "products")
+ARRAY_COLUMNS = ("ids", "vectors", "sq_norms", "masks", "boxes")
+EXTRAS_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -48,9 +55,14 @@ class Segment:
     paths: list
     categories: list
     products: list
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)  # extras column -> (n, ...) array
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def column(self, name: str) -> np.ndarray:
+        """An array column by name: one of ARRAY_COLUMNS or an extras column."""
+        return getattr(self, name) if name in ARRAY_COLUMNS else self.extras[name]
 
     @cached_property
     def category_rows(self) -> dict:
@@ -75,15 +87,18 @@ def segment_number(name: str) -> Optional[int]:
     return int(digits) if name.startswith(SEGMENT_PREFIX) and digits.isdigit() else None
 
 
-def _column_shapes(rows: int, dim: int, mask_nbytes: int) -> dict:
-    """{column: (shape, dtype)} of a segment's .npy files."""
-    return {
+def _column_shapes(rows: int, dim: int, mask_nbytes: int, extras: Optional[Mapping] = None) -> dict:
+    """{column: (shape, dtype)} of a segment's .npy files; `extras` is the manifest's schema."""
+    shapes = {
         "ids": ((rows,), np.int64),
         "vectors": ((rows, dim), np.float32),
         "sq_norms": ((rows,), np.float32),
         "masks": ((rows, mask_nbytes), np.uint8),
         "boxes": ((rows, 4), np.float32),
     }
+    for name, spec in (extras or {}).items():
+        shapes[name] = ((rows, *spec["shape"]), np.dtype(spec["dtype"]))
+    return shapes
 
 
 def _stream(array: np.ndarray, live: Optional[np.ndarray]) -> Iterator[np.ndarray]:
@@ -97,15 +112,18 @@ def select(values: Sequence, live: Optional[np.ndarray]) -> list:
     return list(values) if live is None else [v for v, keep in zip(values, live) if keep]
 
 
-def write_segment(directory: Path, name: str, sources: Sequence[Source], dim: int, mask_nbytes: int) -> dict:
-    """Write the live rows of `sources` as segment `name`; return its manifest entry. Durable on
-    return, but unreferenced until a manifest commits it."""
+def write_segment(
+    directory: Path, name: str, sources: Sequence[Source], dim: int, mask_nbytes: int, extras: Optional[Mapping] = None
+) -> dict:
+    """Write the live rows of `sources` as segment `name` (with the `extras` columns of the
+    manifest's schema); return its manifest entry. Durable on return, but unreferenced until a
+    manifest commits it."""
     ids = np.concatenate([s.ids if live is None else s.ids[live] for s, live in sources])
     rows = len(ids)
     tmp = directory / tmp_name(name)
     tmp.mkdir()
-    for column, (shape, dtype) in _column_shapes(rows, dim, mask_nbytes).items():
-        chunks = [ids] if column == "ids" else (c for s, live in sources for c in _stream(getattr(s, column), live))
+    for column, (shape, dtype) in _column_shapes(rows, dim, mask_nbytes, extras).items():
+        chunks = [ids] if column == "ids" else (c for s, live in sources for c in _stream(s.column(column), live))
         write_npy(tmp / f"{column}.npy", dtype, shape, chunks, sync=False)
     items = {key: [v for s, live in sources for v in select(getattr(s, key), live)] for key in STRING_COLUMNS}
     write_new(tmp / "items.json", json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode(), sync=False)
@@ -117,12 +135,13 @@ def write_segment(directory: Path, name: str, sources: Sequence[Source], dim: in
     return {"name": name, "rows": rows, "first_id": int(ids[0]), "last_id": int(ids[-1])}
 
 
-def load_segment(directory: Path, entry: dict, dim: int, mask_nbytes: int) -> Segment:
-    """Memory-map one committed segment. FileNotFoundError propagates (the caller retries)."""
+def load_segment(directory: Path, entry: dict, dim: int, mask_nbytes: int, extras: Optional[Mapping] = None) -> Segment:
+    """Memory-map one committed segment (and the `extras` columns of the manifest's schema).
+    FileNotFoundError propagates (the caller retries)."""
     folder = directory / entry["name"]
     rows = entry["rows"]
     arrays = {}
-    for column, (shape, dtype) in _column_shapes(rows, dim, mask_nbytes).items():
+    for column, (shape, dtype) in _column_shapes(rows, dim, mask_nbytes, extras).items():
         try:
             array = np.load(folder / f"{column}.npy", mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
@@ -141,7 +160,8 @@ def load_segment(directory: Path, entry: dict, dim: int, mask_nbytes: int) -> Se
         raise StoreError(f"index {directory}: {entry['name']}/items.json is corrupt") from None
     if any(len(items.get(key, ())) != rows for key in STRING_COLUMNS):
         raise StoreError(f"index {directory}: {entry['name']}/items.json does not hold {rows} items")
-    return Segment(**{key: items[key] for key in STRING_COLUMNS}, **arrays)
+    extra_arrays = {name: arrays.pop(name) for name in (extras or {})}
+    return Segment(**{key: items[key] for key in STRING_COLUMNS}, **arrays, extras=extra_arrays)
 
 
 # ------------------------------------------------------------------------------------- merging
@@ -233,3 +253,42 @@ def validate_add(vectors, masks, boxes, paths, categories, products, dim: int, s
         categories=_as_strings(categories, n, "categories", optional=True),
         products=_as_strings(products, n, "products", optional=True),
     )
+
+
+def check_extras(extras: Optional[Mapping], n: int, schema: Mapping, may_declare: bool) -> tuple[dict, dict]:
+    """Check an add's extras columns against the index's `schema` (the manifest's "extras":
+    {name: {"shape": row shape, "dtype": name}}); return (the columns as arrays, the schema).
+    An index that has never held an item (`may_declare`) and has no schema takes the add's
+    columns as its schema; otherwise the add must carry exactly the declared columns."""
+    extras = dict(extras or {})
+    if not schema and extras and may_declare:
+        schema = {}
+        for name, values in extras.items():
+            if not isinstance(name, str) or not EXTRAS_NAME.fullmatch(name) or name in ARRAY_COLUMNS + ("items",):
+                raise StoreError(
+                    f"extras column name {name!r} must be lower-case letters, digits and _ "
+                    f"(at most 64) and not one of {', '.join(ARRAY_COLUMNS)}, items"
+                )
+            values = np.asarray(values)
+            if values.ndim < 1 or values.dtype.kind not in "biuf":
+                raise StoreError(f"extras column {name!r} must be a numeric array, one row per item")
+            schema[name] = {"shape": list(values.shape[1:]), "dtype": values.dtype.name}
+    if set(extras) != set(schema):
+        missing, unknown = sorted(set(schema) - set(extras)), sorted(set(extras) - set(schema))
+        if missing:
+            raise StoreError(f"this index stores {missing[0]!r} for every item; the add lacks it")
+        raise StoreError(
+            f"this index has no extras column {unknown[0]!r} (its items were added without it); "
+            f"build a new index to store it"
+        )
+    arrays = {}
+    for name, spec in schema.items():
+        values = np.asarray(extras[name])
+        expected = (n, *spec["shape"])
+        if values.shape != expected or values.dtype != np.dtype(spec["dtype"]):
+            raise StoreError(
+                f"extras column {name!r} must be {np.dtype(spec['dtype'])} {expected}, "
+                f"got {values.dtype} {values.shape}"
+            )
+        arrays[name] = np.ascontiguousarray(values)
+    return arrays, dict(schema)

@@ -17,8 +17,9 @@ import numpy as np
 from ..errors import StoreError
 from ..knn import Block
 from ..masks import mask_bytes, unpack_masks
+from .ann import AnnView, ann_view
 from .manifest import read_manifest
-from .segments import Segment, Source, load_segment, select
+from .segments import ARRAY_COLUMNS, Segment, Source, load_segment, select
 
 LOAD_RETRIES = 5
 
@@ -45,6 +46,7 @@ class Snapshot:
             self._live.append(~dead if dead is not None and dead.any() else None)
 
     generation = property(lambda self: self.manifest["generation"])
+    extras = property(lambda self: self.manifest.get("extras") or {})  # {column: {"shape", "dtype"}}
     meta = property(lambda self: self.manifest["meta"])
     dim = property(lambda self: self.manifest["dim"])
     mask_size = property(lambda self: self.manifest["mask_size"])
@@ -71,30 +73,35 @@ class Snapshot:
         return [Block(s.vectors, s.sq_norms, live) for s, live in zip(self._segments, self._live_rows)]
 
     def gather(self, column: str, rows) -> np.ndarray:
-        """`column` ("ids", "vectors", "sq_norms", "masks" or "boxes") at the given rows,
-        read from the segments without building the whole column."""
+        """`column` ("ids", "vectors", "sq_norms", "masks", "boxes" or an extras column) at the
+        given rows, read from the segments without building the whole column."""
+        if column not in ARRAY_COLUMNS and column not in self.extras:
+            known = ", ".join([*ARRAY_COLUMNS, *self.extras])
+            raise StoreError(f"index {self.directory} has no column {column!r} (it has {known})")
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise StoreError(f"rows must lie in [0, {len(self)}), got {rows.min()}..{rows.max()}")
         which = np.searchsorted(self._offsets, rows, side="right") - 1
-        first = getattr(self._segments[0], column) if self._segments else self._column(column)
+        first = self._segments[0].column(column) if self._segments else self._column(column)
         out = np.empty((len(rows), *first.shape[1:]), first.dtype)
         for i in np.unique(which):
             local = rows[which == i] - self._offsets[i]
             live = self._live_rows[i]
-            out[which == i] = getattr(self._segments[i], column)[local if live is None else live[local]]
+            out[which == i] = self._segments[i].column(column)[local if live is None else live[local]]
         return out
 
     def _column(self, name: str) -> np.ndarray:
         """A whole column, live rows only: the memory map itself when there is one segment and
         nothing was removed, otherwise a concatenated copy (search uses `blocks` instead)."""
         parts = [
-            getattr(s, name) if live is None else getattr(s, name)[live] for s, live in zip(self._segments, self._live)
+            s.column(name) if live is None else s.column(name)[live] for s, live in zip(self._segments, self._live)
         ]
         if len(parts) == 1:
             return parts[0]
         if parts:
             return np.concatenate(parts)
+        if name in self.extras:
+            return np.zeros((0, *self.extras[name]["shape"]), np.dtype(self.extras[name]["dtype"]))
         width = {"vectors": (self.dim,), "masks": (mask_bytes(self.mask_size),), "boxes": (4,)}
         dtype = {"ids": np.int64, "masks": np.uint8}.get(name, np.float32)
         return np.zeros((0, *width.get(name, ())), dtype)
@@ -133,6 +140,12 @@ class Snapshot:
     @cached_property
     def products(self) -> list:
         return self._strings("products")
+
+    @cached_property
+    def ann(self) -> Optional[AnnView]:
+        """The index's ANN index (`store.ann`) as this snapshot sees it, loaded on first use (one
+        copy per process, memory-mapped), or None: see `ann`. `search.search_snapshot` uses it."""
+        return ann_view(self)
 
     @cached_property
     def _category_rows(self) -> dict:
@@ -218,7 +231,7 @@ def load_snapshot(directory: Path, reuse: Optional[Snapshot] = None) -> Snapshot
             segments = [
                 cache[(manifest["uuid"], e["name"])]
                 if (manifest["uuid"], e["name"]) in cache
-                else load_segment(directory, e, manifest["dim"], nbytes)
+                else load_segment(directory, e, manifest["dim"], nbytes, manifest.get("extras"))
                 for e in manifest["segments"]
             ]
             tomb = manifest.get("tombstones")

@@ -30,8 +30,8 @@ def write_history(path: Path, rows: list[dict], fields: Sequence[str] = FIELDS) 
     write_bytes_atomic(path, text.getvalue().encode())
 
 
-def record_epoch(path: Path, row: dict) -> None:
+def record_epoch(path: Path, row: dict, fields: Sequence[str] = FIELDS) -> None:
     """Add an epoch's row; a resumed epoch replaces the row it wrote before the interruption."""
     key = (row["stage"], int(row["epoch"]))
     rows = [r for r in read_history(path) if (r["stage"], int(r["epoch"])) != key]
-    write_history(path, rows + [row])
+    write_history(path, rows + [row], fields)
