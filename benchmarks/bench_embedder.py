@@ -34,26 +34,32 @@ from csearch.evaluation.metrics import average_precision_at_k, recall_at_k, rele
 from csearch.train.embedder_config import load_embedder_config  # noqa: E402
 
 GROCERY = ROOT.parent / "shared" / "datasets" / "grocery-store"
-VARIANTS = {  # one factor at a time around the defaults
+VARIANTS = {  # one factor at a time around the defaults (csearch/train/embedder_config.py)
     "default": {},
     "pooling=gap": {"pooling": "gap"},
     "pooling=gem": {"pooling": "gem"},
     "views=cutout": {"views": "cutout"},
+    "views=photo": {"views": "photo"},
     "copies=0": {"copies": 0},
-    "copies=6": {"copies": 6},
+    "copies=3": {"copies": 3},
+    "dim=64": {"dim": 64},
     "dim=128": {"dim": 128},
     "dim=512": {"dim": 512},
     "margin=0": {"margin": 0.0},
-    "scale=32": {"scale": 32.0},
+    "margin=0.2": {"margin": 0.2},
     "scale=8": {"scale": 8.0},
-    "dim=64": {"dim": 64},
-    "dim=128,margin=0": {"dim": 128, "margin": 0.0},
+    "scale=32": {"scale": 32.0},
+    "refit=false": {"refit": False},
 }
 
 
-def combine(pooled: np.ndarray) -> np.ndarray:
-    """(n, 2, D) unit views -> (n, 2D), as csearch.embed.combine_views with photo_weight 0.5."""
-    return np.concatenate([np.sqrt(0.5) * pooled[:, 0], np.sqrt(0.5) * pooled[:, 1]], axis=1)
+def combine(pooled: np.ndarray, photo_weight: float = 0.5) -> np.ndarray:
+    """(n, 2, D) unit views -> (n, 2D), as csearch.embed.combine_views (embed.photo_weight)."""
+    a, b = np.sqrt(1 - photo_weight), np.sqrt(photo_weight)
+    return np.concatenate([a * pooled[:, 0], b * pooled[:, 1]], axis=1)
+
+
+CATEGORIES: dict = {}  # product -> category (filled in main)
 
 
 def score(gallery: np.ndarray, gallery_products, queries: np.ndarray, query_products, groups) -> dict:
@@ -68,6 +74,17 @@ def score(gallery: np.ndarray, gallery_products, queries: np.ndarray, query_prod
         "recall@5": float(recall_at_k(rel, 5).mean()),
         "map@10": float(average_precision_at_k(rel, n_relevant, 10).mean()),
     }
+    if CATEGORIES:  # the search's own category prediction: the first result's, or a vote of the top 5
+        truth = [CATEGORIES[p] for p in query_products]
+        first = [CATEGORIES[r[0]] for r in rankings]
+        result["category@1"] = float(np.mean([a == b for a, b in zip(first, truth)]))
+        votes = []
+        for ranking in rankings:
+            tally: dict = {}
+            for rank, product in enumerate(ranking[:5]):
+                tally[CATEGORIES[product]] = tally.get(CATEGORIES[product], 0.0) + 1.0 / (rank + 1)
+            votes.append(max(tally, key=tally.get))
+        result["category vote@5"] = float(np.mean([a == b for a, b in zip(votes, truth)]))
     for group in ("Packages", "Fruit", "Vegetables"):
         chosen = np.array([g == group for g in groups])
         if chosen.any():
@@ -75,7 +92,7 @@ def score(gallery: np.ndarray, gallery_products, queries: np.ndarray, query_prod
     return result
 
 
-def embed_pooled(run_dir: Path, pooled: np.ndarray) -> np.ndarray:
+def embed_pooled(run_dir: Path, pooled: np.ndarray, photo_weight: float = 0.5) -> np.ndarray:
     """(n, 2, C) pooled views -> (n, 2D) index vectors through RUN_DIR's trained head."""
     import keras
 
@@ -84,7 +101,8 @@ def embed_pooled(run_dir: Path, pooled: np.ndarray) -> np.ndarray:
     y = model.get_layer("embedding")(model.get_layer("projection")(model.get_layer("pooled_unit")(x)))
     head = keras.Model(x, y)
     n = len(pooled)
-    return combine(np.asarray(head.predict(pooled.reshape(n * 2, -1), batch_size=1024, verbose=0)).reshape(n, 2, -1))
+    embedded = np.asarray(head.predict(pooled.reshape(n * 2, -1), batch_size=1024, verbose=0)).reshape(n, 2, -1)
+    return combine(embedded, photo_weight)
 
 
 def features(source, records) -> np.ndarray:
@@ -113,8 +131,13 @@ def run_variant(name, overrides, train_spec, gallery, queries, args, log) -> dic
     products_g, products_q = [r.product for r in gallery.records], [r.product for r in queries.records]
     learned = score(embed_pooled(run_dir, g), products_g, embed_pooled(run_dir, q), products_q, groups)
     frozen = score(combine(l2_normalize(g)), products_g, combine(l2_normalize(q)), products_q, groups)
+    weights = {}
+    if name == "default":  # the views' weights in the index vector (embed.photo_weight), same head
+        for w in (0.3, 0.4, 0.6, 0.7):
+            weights[str(w)] = score(embed_pooled(run_dir, g, w), products_g, embed_pooled(run_dir, q, w), products_q,
+                                    groups)  # fmt: skip
     return {"variant": name, "learned": learned, "frozen": frozen, "train_seconds": round(seconds, 1),
-            "summary": summary}  # fmt: skip
+            "summary": summary, "photo_weight": weights}  # fmt: skip
 
 
 def main() -> int:
@@ -127,6 +150,7 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gallery, queries = read_catalogue(args.data / "train.txt"), read_catalogue(args.data / "val.txt")
+    CATEGORIES.update({r.product: r.category for r in gallery.records + queries.records})
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
 

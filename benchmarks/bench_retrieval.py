@@ -104,9 +104,10 @@ PIPELINES = {
     "paper": PAPER,
     "embedder": [],  # the defaults with --embedder RUN_DIR (and the classifier)
     "embedder-only": [],  # the defaults with --embedder RUN_DIR and no classifier: the embedding's own category
+    "embedder-geometric": ["--rerank", "geometric", "--rerank-top", "20"],  # + geometric verification of the top 20
 }
 WITH_CLASSIFIER = {"photo": [], "cutout": [], "defaults": [], "embedder": []}  # pipelines given --classifier
-WITH_EMBEDDER = ("embedder", "embedder-only")  # pipelines given --embedder
+WITH_EMBEDDER = ("embedder", "embedder-only", "embedder-geometric")  # pipelines given --embedder
 ABLATED = "defaults"  # the pipeline --ablate / --figures run around
 PUBLISHED_FIGURES = {"train-val": "*.png", "catalogue": "figure9_*.png"}  # glob per case
 KEYS = ("recall@1", "recall@5", "recall@10", "recall@20", "map@10", "r_precision", "mrr")

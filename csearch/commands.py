@@ -53,6 +53,12 @@ def cmd_index(args) -> int:
 
         adder = ray_adder(args.ray)  # Ray installed, the address answers: checked before any model loads
     log.info("catalogue: %s", catalogue.summary())
+    if not config.embed.embedder:
+        log.info(
+            "hint: a product embedding learned from your labels finds the right product far more often "
+            "(docs/results/embedder.md): python -m csearch.train embedder --data CATALOGUE --out RUN_DIR, "
+            "then index with --embedder RUN_DIR"
+        )
     with progress_bar(len(catalogue.records), "indexing") as bar:
         report = build_index(
             catalogue,

@@ -221,10 +221,11 @@ def open_engine(args: argparse.Namespace, config, cache_dir: Path):
     log.info("gallery: %s", gallery.summary())
     with progress_bar(len(gallery.records), "gallery") as bar:
         engine = gallery_engine(gallery, config, cache_dir, bar.update, args.workers)
-    if engine.models.classifier is None:
+    if engine.models.classifier is None and not engine.config.embed.embedder:
         log.info(
-            "no --classifier: the search is unrestricted. The best measured pipeline restricts it to "
-            "the category a classifier predicts (python -m csearch.train classifier; docs/results/retrieval.md)"
+            "no --embedder: products are compared through ImageNet features. The best measured pipeline uses "
+            "a product embedding learned from the catalogue (python -m csearch.train embedder; "
+            "docs/results/embedder.md)"
         )
     return engine
 

@@ -23,6 +23,16 @@ ARRAYS = ("ids", "vectors", "sq_norms", "masks", "boxes")
 STRINGS = ("paths", "categories", "products")
 
 
+def concat_columns(parts: list) -> dict:
+    """Column dicts (arrays and lists alike) joined row-wise, in order."""
+    return {
+        k: np.concatenate([p[k] for p in parts])
+        if isinstance(parts[0][k], np.ndarray)
+        else [x for p in parts for x in p[k]]
+        for k in parts[0]
+    }
+
+
 def take_rows(columns: Mapping, index) -> dict:
     """The rows `index` (a bool mask or positions) of every column, arrays and lists alike."""
     index = np.asarray(index)

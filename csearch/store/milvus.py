@@ -39,7 +39,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..masks import mask_bytes
-from .memory import MemorySnapshot, take_rows
+from .memory import MemorySnapshot, concat_columns, take_rows
 from .milvus_claims import IdClaims
 from .milvus_io import (
     INDEX_TYPES,
@@ -260,11 +260,11 @@ class MilvusStore:
         changes, self._watermark, _ = self._changes(horizon, level)
         state = self._state(level)
         layout = state["layout"]
-        rows = []
+        parts = []  # each page becomes arrays at once: pymilvus rows (Python float lists) are ~10x their size
         with calling(self.target, "reading the items"):
             for page in page_through(self._client, self.target.collection, ITEM_FIELDS, read_page_rows(layout), level):
-                rows.extend(page)
-        columns = columns_of(rows, layout)
+                parts.append(columns_of(page, layout))
+        columns = concat_columns(parts) if parts else columns_of([], layout)
         columns = take_rows(columns, np.argsort(columns["ids"], kind="stable"))  # ascending already; never rely on it
         self._seen, self._horizon = {}, horizon
         self._note(changes)

@@ -222,7 +222,7 @@ def train_embedder(
     train_rows, val_rows = usable[train_rows], usable[val_rows]
     samples, sample_labels = _samples(features.vectors, train_rows, labels, config.views)
 
-    from .embedder_fit import fit_head, map_model, recall_at_1, save_state
+    from .embedder_fit import fit_head, map_model, recall_at_1, refit_head, save_state
 
     held_out = {
         "gallery": features.vectors[train_rows, 0],
@@ -233,6 +233,10 @@ def train_embedder(
     say(f"training the head on {len(samples)} views of {len(train_rows)} images; {len(val_rows)} held out")
     fit_start = time.perf_counter()
     embed, best_epoch, best_recall = fit_head(config, samples, sample_labels, len(products), held_out, run_dir, say)
+    if config.refit:
+        say(f"refitting on all {len(train_rows) + len(val_rows)} images for {best_epoch} epochs")
+        all_samples, all_labels = _samples(features.vectors, np.sort(np.r_[train_rows, val_rows]), labels, config.views)
+        embed = refit_head(config, all_samples, all_labels, len(products), best_epoch)
     fit_seconds = time.perf_counter() - fit_start
     frozen = recall_at_1(
         _unit_combined(held_out["gallery"]), held_out["gallery_labels"],

@@ -161,6 +161,15 @@ def fit_head(
     return embed, best_epoch, float(rows[0][RECALL]) if rows else float("nan")
 
 
+def refit_head(config: EmbedderConfig, samples: np.ndarray, labels: np.ndarray, products: int, epochs: int):
+    """The head trained again on every image (held-out ones included) for the epochs early stopping
+    chose: the held-out images then teach the head too. Returns the embed model."""
+    keras.utils.set_random_seed(config.seed)
+    embed, train = build_models(config, samples.shape[1], products)
+    train.fit(samples, labels, batch_size=config.batch_size, epochs=epochs, shuffle=True, verbose=0)
+    return embed
+
+
 def save_state(path: Path, values: dict) -> None:
     from ..store.durable import write_bytes_atomic
 
