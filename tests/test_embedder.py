@@ -192,6 +192,12 @@ def test_one_line_errors(tiny_extractor, tmp_path):
     pairs = write_catalogue(tmp_path / "pairs", products=2, images=2)
     with pytest.raises(CatalogueError, match="no product has two images"):
         train_embedder(_config(tiny_extractor), str(singles), tmp_path / "run", print)
+    # the studio images of a catalogue train together with in-use photos of the same products
+    from csearch.train.embedder import _labelled
+
+    records, products = _labelled([str(singles), str(pairs)], print)
+    assert len(records) == 4 + 8 and len(products) == 4
+    assert len(_labelled([str(pairs), str(pairs)], print)[0]) == 8  # an image given twice counts once
     with pytest.raises(ConfigError, match="Keras backbone"):
         train_embedder(_config(tiny_extractor, extractor="mobilenetv2"), str(pairs), tmp_path / "r", print)
     (tmp_path / "notrun").mkdir()

@@ -112,7 +112,12 @@ def _add_embedder_parser(sub) -> None:
     )
     p.set_defaults(kind="embedder")
     p.add_argument(
-        "--data", required=True, metavar="SPEC", help="catalogue with product labels (folder, CSV, Grocery .txt)"
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="SPEC",
+        help="catalogue(s) with product labels (folder, CSV, Grocery .txt): give the catalogue images AND any "
+        "in-use photos of the same products, e.g. --data CATALOGUE PHOTOS (far better than either alone)",
     )
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="output folder; the same --out resumes")
     p.add_argument("--config", metavar="FILE", help="YAML with embedder settings (listed below); flags override it")
@@ -138,7 +143,8 @@ def _run_embedder(args: argparse.Namespace) -> int:
 
     overrides = {**parse_sets(args.set), "epochs": args.epochs, "seed": args.seed}
     config = load_embedder_config(args.config, overrides)
-    summary = train_embedder(config, args.data, args.out, log.info, args.command_line)
+    data = args.data[0] if len(args.data) == 1 else args.data
+    summary = train_embedder(config, data, args.out, log.info, args.command_line)
     log.info(
         "held-out Recall@1 %.3f (frozen features %.3f); use it: csearch index CATALOGUE --out INDEX_DIR --embedder %s",
         summary["held_out_recall_at_1"], summary["held_out_recall_at_1_frozen"], args.out,

@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import yaml
@@ -37,18 +37,26 @@ FEATURE_KEYS = ("extractor", "pooling", "levels", "gem_p", "flip", "rotation", "
                 "image_size", "localizer")  # fmt: skip
 
 
-def _labelled(data: str, say) -> tuple[list, list[str]]:
-    catalogue = read_catalogue(data)
-    records = [r for r in catalogue.records if r.product is not None]
-    if len(records) < len(catalogue.records):
-        say(f"{len(catalogue.records) - len(records)} images without a product label ignored")
+def _specs(data: Union[str, Sequence[str]]) -> list[str]:
+    return [data] if isinstance(data, (str, Path)) else list(data)
+
+
+def _labelled(data: Union[str, Sequence[str]], say) -> tuple[list, list[str]]:
+    """The labelled records of one catalogue or several (e.g. the catalogue images and in-use
+    photos of the same products: measured far better than either alone), each image once."""
+    catalogues = [read_catalogue(spec) for spec in _specs(data)]
+    spec = " + ".join(c.spec for c in catalogues)
+    everything = list({r.path: r for c in catalogues for r in c.records}.values())
+    records = [r for r in everything if r.product is not None]
+    if len(records) < len(everything):
+        say(f"{len(everything) - len(records)} images without a product label ignored")
     if not records:
-        raise errors.CatalogueError(f"catalogue {catalogue.spec} has no product labels: an embedder learns products")
+        raise errors.CatalogueError(f"catalogue {spec} has no product labels: an embedder learns products")
     counts = Counter(r.product for r in records)
     if max(counts.values()) < 2:
         raise errors.CatalogueError(
-            f"catalogue {catalogue.spec}: no product has two images, so nothing can be held out to stop training "
-            f"on; add in-use photos of some products (e.g. train on photos, index the catalogue images)"
+            f"catalogue {spec}: no product has two images, so nothing can be held out to stop training "
+            f"on; add in-use photos of some products (--data CATALOGUE PHOTOS)"
         )
     singles = sum(1 for n in counts.values() if n == 1)
     if singles:
@@ -73,10 +81,13 @@ def _extractor_files(config: EmbedderConfig):
     return extractor
 
 
-def resolved_run_config(config: EmbedderConfig, data: str, command: Optional[str], extractor_sha: str) -> dict:
+def resolved_run_config(
+    config: EmbedderConfig, data: Union[str, Sequence[str]], command: Optional[str], extractor_sha: str
+) -> dict:
+    specs = [str(Path(spec).expanduser().resolve()) for spec in _specs(data)]
     return {
         "train": config.to_dict(),
-        "data": str(Path(data).expanduser().resolve()),
+        "data": specs[0] if len(specs) == 1 else specs,
         "command": command,
         "csearch_version": __version__,
         "extractor_sha256": extractor_sha,
@@ -189,7 +200,11 @@ class FeatureSource:
 
 
 def train_embedder(
-    config: EmbedderConfig, data: str, out: str | Path, say: Callable[[str], None], command: Optional[str] = None
+    config: EmbedderConfig,
+    data: Union[str, Sequence[str]],
+    out: str | Path,
+    say: Callable[[str], None],
+    command: Optional[str] = None,
 ) -> dict:
     """Train, export and check an embedder into RUN_DIR `out`; returns the summary."""
     from ..console import progress_bar
