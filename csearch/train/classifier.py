@@ -57,9 +57,10 @@ def resolved_run_config(config: TrainConfig, data: str, command: Optional[str], 
     }
 
 
-def check_run_dir(run_dir: Path, resolved: dict) -> Optional[dict]:
-    """Resume rules: the same config resumes (or returns the finished summary); another
-    config in the same RUN_DIR is an error rather than a silent mix of two runs."""
+def check_run_dir(run_dir: Path, resolved: dict, identity: tuple = ("data", "weights_sha256")) -> Optional[dict]:
+    """Resume rules (every trainer's): the same config resumes (or returns the finished summary);
+    another config, or other `identity` entries (data, model file digests), in the same RUN_DIR
+    is an error rather than a silent mix of two runs."""
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         return None
@@ -70,9 +71,7 @@ def check_run_dir(run_dir: Path, resolved: dict) -> Optional[dict]:
         for k in sorted(set(previous) | set(current))
         if previous.get(k) != current.get(k)
     ]
-    changed += [
-        (k, saved.get(k), resolved.get(k)) for k in ("data", "weights_sha256") if saved.get(k) != resolved.get(k)
-    ]
+    changed += [(k, saved.get(k), resolved.get(k)) for k in identity if saved.get(k) != resolved.get(k)]
     if changed:
         key, old, new = changed[0]
         raise errors.ConfigError(

@@ -95,31 +95,12 @@ def resolved_run_config(
 
 
 def check_run_dir(run_dir: Path, resolved: dict) -> Optional[dict]:
-    """The same config resumes (or returns the finished summary); another one is an error."""
-    import json
+    """The classifier trainer's resume rules, plus: a non-empty folder that holds no run is refused."""
+    from .classifier import check_run_dir as check_same_run
 
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        if run_dir.is_dir() and any(run_dir.iterdir()):
-            raise errors.ConfigError(f"{run_dir} is not empty and holds no embedder run; use a new --out")
-        return None
-    saved = yaml.safe_load(config_path.read_text()) or {}
-    previous, current = saved.get("train", {}), resolved["train"]
-    changed = [
-        (k, previous.get(k), current.get(k))
-        for k in sorted(set(previous) | set(current))
-        if previous.get(k) != current.get(k)
-    ]
-    changed += [
-        (k, saved.get(k), resolved.get(k)) for k in ("data", "extractor_sha256") if saved.get(k) != resolved.get(k)
-    ]
-    if changed:
-        key, old, new = changed[0]
-        raise errors.ConfigError(
-            f"{run_dir} holds a run with another config ({key}: {old!r} -> {new!r}); use a new --out or delete it"
-        )
-    summary = run_dir / "summary.json"
-    return json.loads(summary.read_text()) if summary.is_file() else None
+    if not (run_dir / "config.yaml").is_file() and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise errors.ConfigError(f"{run_dir} is not empty and holds no embedder run; use a new --out")
+    return check_same_run(run_dir, resolved, identity=("data", "extractor_sha256"))
 
 
 def _index_config(config: EmbedderConfig, extractor):
