@@ -118,14 +118,14 @@ def group_of(record) -> str:
 
 
 def run_variant(name, overrides, train_spec, gallery, queries, args, log) -> dict:
-    from csearch.train.embedder import FeatureSource, _extractor_files, train_embedder
+    from csearch.train.embedder import FeatureSource, frozen_extractor, train_embedder
 
     config = load_embedder_config(overrides={**overrides, "cache_dir": str(args.cache_dir)})
     run_dir = args.out / "runs" / name.replace("=", "-")
     started = time.perf_counter()
     summary = train_embedder(config, str(train_spec), run_dir, log)
     seconds = time.perf_counter() - started
-    source = FeatureSource(replace(config, copies=0), _extractor_files(config), run_dir)
+    source = FeatureSource(replace(config, copies=0), frozen_extractor(config), run_dir)
     g, q = features(source, gallery.records), features(source, queries.records)
     groups = [group_of(r) for r in queries.records]
     products_g, products_q = [r.product for r in gallery.records], [r.product for r in queries.records]

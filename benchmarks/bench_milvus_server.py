@@ -38,7 +38,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from bench_scale import MASK, PER_CLUSTER, category, clustered, percentiles, recall, search_ids, timed_each  # noqa: E402
+from bench_scale import MASK, PER_CLUSTER, category, clustered, fill, percentiles, recall, search_ids, timed_each  # noqa: E402
 from local_milvus import milvus_server  # noqa: E402
 
 from csearch.store.open import create_store  # noqa: E402
@@ -51,26 +51,6 @@ store = open_store(sys.argv[1])
 print(json.dumps({"items": len(store), "open_s": round(time.perf_counter() - began, 2),
                   "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 """
-
-
-def fill(store, n: int, dim: int, batch: int, clusters: int) -> dict:
-    """The items of bench_scale.fill_store (same seeds), added `batch` at a time; add() timed."""
-    seconds = 0.0
-    for start in range(0, n, batch):
-        count = min(batch, n - start)
-        vectors, labels = clustered(count, dim, seed=start + 1, clusters=clusters)
-        args = (
-            vectors,
-            np.zeros((count, MASK, MASK), bool),
-            np.zeros((count, 4), np.float32),
-            [f"/catalogue/images/item-{start + i:08d}.jpg" for i in range(count)],
-            [category(label) for label in labels],
-            [f"product-{int(label):07d}" for label in labels],
-        )
-        began = time.perf_counter()
-        store.add(*args)
-        seconds += time.perf_counter() - began
-    return {"insert_items_per_s": round(n / seconds), "insert_MB_per_s": round(n * dim * 4 / seconds / 1e6, 1)}
 
 
 def server_search(store, queries, query_cats, filtered: bool, level: str = "Strong"):

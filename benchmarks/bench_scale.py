@@ -82,9 +82,9 @@ def recall(found: list, truth: np.ndarray) -> float:
     return round(float(np.mean([len(set(map(int, f)) & set(map(int, t))) / len(t) for f, t in zip(found, truth)])), 4)
 
 
-def fill_store(directory: Path, n: int, dim: int, batch: int, clusters: int) -> tuple[IndexStore, dict]:
-    """A local store of n clustered items, added `batch` at a time; the add() calls are timed."""
-    store = IndexStore.create(directory, {"config": {"store": {"ann": "none"}}}, dim=dim, mask_size=MASK)
+def fill(store, n: int, dim: int, batch: int, clusters: int) -> dict:
+    """Add n clustered items (fixed seeds) to any csearch store, `batch` at a time; the add() calls
+    are timed. bench_milvus_server.py fills its Milvus store with this too."""
     seconds = 0.0
     for start in range(0, n, batch):
         count = min(batch, n - start)
@@ -100,12 +100,14 @@ def fill_store(directory: Path, n: int, dim: int, batch: int, clusters: int) -> 
         began = time.perf_counter()
         store.add(*args)
         seconds += time.perf_counter() - began
-    return store, {
-        "insert_items_per_s": round(n / seconds),
-        "insert_MB_per_s": round(n * dim * 4 / seconds / 1e6, 1),
-        "batch": batch,
-        "segments": len(store.snapshot.segment_rows()),
-    }
+    return {"insert_items_per_s": round(n / seconds), "insert_MB_per_s": round(n * dim * 4 / seconds / 1e6, 1)}
+
+
+def fill_store(directory: Path, n: int, dim: int, batch: int, clusters: int) -> tuple[IndexStore, dict]:
+    """A local store of n clustered items, added `batch` at a time; the add() calls are timed."""
+    store = IndexStore.create(directory, {"config": {"store": {"ann": "none"}}}, dim=dim, mask_size=MASK)
+    timing = fill(store, n, dim, batch, clusters)
+    return store, {**timing, "batch": batch, "segments": len(store.snapshot.segment_rows())}
 
 
 def search_ids(snapshot, queries, categories=None, k=10):

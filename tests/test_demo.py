@@ -1,4 +1,5 @@
 import io
+import re
 
 from csearch.demo import run_demo
 
@@ -14,8 +15,8 @@ def test_demo_indexes_and_queries_its_catalogue(tmp_path, tiny_config):
     assert (tmp_path / "demo" / "index" / "config.yaml").is_file()
     # then a product embedding trained on the demo catalogue, and its own index, compared
     assert "With the learned embedding" in text
-    learned = int(text.split("With the learned embedding")[1].split(": ", 1)[1].split("/")[0])
-    assert 0 <= learned <= 9  # (the tiny extractor is random: its quality is not the point here)
+    # both counts are reported (the tiny extractor is random: the numbers themselves are not the point)
+    assert re.search(r"With the learned embedding \(trained in \d+ s\): \d/9 queries .* against \d/9", text)
     assert (tmp_path / "demo" / "embedder" / "embedder.onnx").is_file()
     assert (tmp_path / "demo" / "index-embedder" / "manifest.json").is_file()
 

@@ -152,7 +152,6 @@ def merge_head(trunk_path: Path, head_path: Path, info: TrunkInfo, out: Path, me
     merged = onnx.compose.merge_models(
         trunk, head, io_map=[(info.map_name, head.graph.input[0].name)], outputs=[head.graph.output[0].name]
     )
-    merged.graph.output[0].name  # noqa: B018 - the one output: the embedding
     del merged.metadata_props[:]
     for key, value in metadata.items():
         entry = merged.metadata_props.add()

@@ -66,8 +66,9 @@ def _labelled(data: Union[str, Sequence[str]], say) -> tuple[list, list[str]]:
     return records, sorted(counts)
 
 
-def _extractor_files(config: EmbedderConfig):
-    """The frozen ONNX extractor: (file, input name, output name, layout, preprocessing, input size)."""
+def frozen_extractor(config: EmbedderConfig):
+    """The frozen ONNX extractor the embedder trains on (an `OnnxExtractor`: its file, input and
+    output names, layout, preprocessing and input size); a Keras backbone is a one-line error."""
     from ..models import get_spec, load_extractor, names
 
     if not str(config.extractor).endswith(".onnx") and config.extractor in names("backbone"):
@@ -195,7 +196,7 @@ def train_embedder(
     started = time.perf_counter()
     run_dir = Path(out).expanduser()
     records, products = _labelled(data, say)
-    extractor = _extractor_files(config)
+    extractor = frozen_extractor(config)
     resolved = resolved_run_config(config, data, command, file_sha256(extractor.path))
     finished = check_run_dir(run_dir, resolved)
     if finished is not None:
